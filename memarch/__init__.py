@@ -1,0 +1,1 @@
+"""memarch: memory-augmented neural architectures in JAX/Flax."""
