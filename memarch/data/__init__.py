@@ -1,0 +1,10 @@
+"""Data for memarch: MQAR (zoology semantics) and packed TFDS text, fed through grain.
+
+The training loop uses only ``TaskInfo``, ``get_task_info`` and ``build_iterator``.
+"""
+
+from memarch.data.pipeline import TaskInfo
+from memarch.data.pipeline import build_iterator
+from memarch.data.pipeline import get_task_info
+
+__all__ = ["TaskInfo", "build_iterator", "get_task_info"]

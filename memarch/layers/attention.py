@@ -146,6 +146,7 @@ class MultiHeadAttention(nn.Module):
     q = jnp.einsum("btd,dhe->bthe", x_c, wq)
     k = jnp.einsum("btd,dhe->bthe", x_c, wk)
     v = jnp.einsum("btd,dhe->bthe", x_c, wv)
+    q_plain = q
     if self.use_rope:
       q = attn_ops.rope(q, positions, max_wavelength=self.rope_max_wavelength)
       k = attn_ops.rope(k, positions, max_wavelength=self.rope_max_wavelength)
@@ -155,7 +156,8 @@ class MultiHeadAttention(nn.Module):
       persistent = self.param("persistent", nn.with_logical_partitioning(
           nn.initializers.normal(stddev=1.0), (None, "embed")), (self.num_persistent, d), pd)
       persistent = persistent.astype(x_c.dtype)
-      prefix_k = jnp.einsum("pd,dhe->phe", persistent, wk)  # no RoPE: the prefix has no position
+      # No RoPE on the prefix; it is scored with the unrotated queries (relative distance 0, see the op).
+      prefix_k = jnp.einsum("pd,dhe->phe", persistent, wk)
       prefix_v = jnp.einsum("pd,dhe->phe", persistent, wv)
 
     # Keys = cache slots followed by the new tokens (both chronological).
@@ -165,10 +167,12 @@ class MultiHeadAttention(nn.Module):
     all_pos, all_seg = cat(state.positions, positions), cat(state.segment_ids, segment_ids)
     if fresh:
       mask = attn_ops.attention_mask(positions, positions, segment_ids, segment_ids, window=self.window)
-      out = attn_ops.dot_product_attention(q, k, v, mask, prefix_k=prefix_k, prefix_v=prefix_v)
+      out = attn_ops.dot_product_attention(q, k, v, mask, prefix_k=prefix_k, prefix_v=prefix_v,
+                                           prefix_q=q_plain)
     else:
       mask = attn_ops.attention_mask(positions, all_pos, segment_ids, all_seg, window=self.window)
-      out = attn_ops.dot_product_attention(q, all_k, all_v, mask, prefix_k=prefix_k, prefix_v=prefix_v)
+      out = attn_ops.dot_product_attention(q, all_k, all_v, mask, prefix_k=prefix_k, prefix_v=prefix_v,
+                                           prefix_q=q_plain)
     y = jnp.einsum("bthe,hed->btd", out, wo)
 
     new_state = self._update_cache(state, k.astype(sd), v.astype(sd), positions, segment_ids,

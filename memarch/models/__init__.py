@@ -28,6 +28,9 @@ def get_model(name: str, **kwargs: Any):
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"model: unknown field(s) {unknown} for model {name!r}; fields: {sorted(fields)}")
-  model = module.Model(**kwargs)
+  # Sequences become tuples and dicts sorted item tuples, so the model is hashable (a static jit argument).
+  hashable = lambda v: (tuple(v) if isinstance(v, (list, tuple)) else
+                        tuple((k, hashable(x)) for k, x in sorted(v.items())) if isinstance(v, dict) else v)
+  model = module.Model(**{k: hashable(v) for k, v in dict(kwargs).items()})
   _ = model.config  # resolve the preset now, so bad values raise before anything compiles
   return model

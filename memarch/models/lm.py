@@ -12,6 +12,7 @@ file. The model follows the layer protocol one level up: ``(logits, states) = mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -305,7 +306,7 @@ def generate(model: Model, variables: Any, prompt: Array, max_new_tokens: int, *
     model: the LM.
     variables: its variables (``{"params": ...}``).
     prompt: [b, t0] int prompt tokens (t0 >= 1).
-    max_new_tokens: tokens to generate.
+    max_new_tokens: tokens to generate (>= 1).
     rng: sampling key (required when ``temperature > 0``).
     temperature: 0 for greedy decoding, else softmax temperature.
     states: states to continue from (None: a fresh start).
@@ -313,36 +314,35 @@ def generate(model: Model, variables: Any, prompt: Array, max_new_tokens: int, *
   Returns:
     [b, max_new_tokens] int32 generated tokens.
   """
-  b, t0 = prompt.shape
   cfg = model.config
+  t0 = prompt.shape[1]
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
   if "attention" in cfg.mixers and t0 + max_new_tokens > cfg.max_len:
     raise ValueError(f"generate: prompt ({t0}) + max_new_tokens ({max_new_tokens}) exceed model.max_len="
                      f"{cfg.max_len}, the KV cache of full attention")
   if temperature > 0 and rng is None:
     raise ValueError("generate: sampling with temperature > 0 needs rng")
   rng = jax.random.key(0) if rng is None else rng
+  return _generate(model, variables, prompt, states, rng, max_new_tokens, float(temperature))
 
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate(model, variables, prompt, states, rng, max_new_tokens, temperature):
   def pick(logits, key):
     if temperature == 0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
-  @jax.jit
-  def run(variables, prompt, states, rng):
-    states = model.init_state(b) if states is None else states
-    logits, states = model.apply(variables, prompt, states=states)
-    rng, key = jax.random.split(rng)
-    first = pick(logits[:, -1], key)
+  states = model.init_state(prompt.shape[0]) if states is None else states
+  logits, states = model.apply(variables, prompt, states=states)  # prefill: the chunked/parallel form
+  rng, key = jax.random.split(rng)
+  first = pick(logits[:, -1], key)
 
-    def step(carry, key):
-      token, states = carry
-      logits, states = model.apply(variables, token[:, None], states=states)
-      nxt = pick(logits[:, -1], key)
-      return (nxt, states), token
+  def step(carry, key):  # decode: the t == 1 step form
+    token, states = carry
+    logits, states = model.apply(variables, token[:, None], states=states)
+    return (pick(logits[:, -1], key), states), token
 
-    (last, _), tokens = jax.lax.scan(step, (first, states), jax.random.split(rng, max_new_tokens - 1))
-    return jnp.concatenate([tokens.T, last[:, None]], axis=1) if max_new_tokens > 1 else first[:, None]
-
-  if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-  return run(variables, prompt, states, rng)
+  (last, _), tokens = jax.lax.scan(step, (first, states), jax.random.split(rng, max_new_tokens - 1))
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1)

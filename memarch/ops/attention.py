@@ -64,6 +64,7 @@ def dot_product_attention(
     *,
     prefix_k: Float[Array, "p kh e"] | None = None,
     prefix_v: Float[Array, "p kh ev"] | None = None,
+    prefix_q: Float[Array, "b t h e"] | None = None,
     scale: float | None = None,
 ) -> Float[Array, "b t h ev"]:
   """Multi-head (grouped-query) softmax attention under ``mask``, with an optional always-visible prefix.
@@ -75,6 +76,9 @@ def dot_product_attention(
     mask: visibility of each key to each query, from :func:`attention_mask`.
     prefix_k: keys shared by every sequence and visible to every query (persistent memory), or None.
     prefix_v: values of the prefix.
+    prefix_q: queries scored against the prefix (default ``q``). Attention layers pass the queries *before* RoPE:
+      an unrotated prefix then sits at relative distance 0 from every query, so prefix scores do not depend on
+      absolute position and packed documents stay translation invariant.
     scale: logit scale, default ``1/sqrt(e)``.
 
   Returns:
@@ -85,13 +89,16 @@ def dot_product_attention(
   if h % kh:
     raise ValueError(f"dot_product_attention: {h} query heads are not a multiple of {kh} kv heads")
   scale = e ** -0.5 if scale is None else scale
-  if prefix_k is not None:
-    p = prefix_k.shape[0]
-    k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype), (b, p, kh, e)), k], axis=1)
-    v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype), (b, p) + prefix_v.shape[1:]), v], axis=1)
-    mask = jnp.concatenate([jnp.ones((b, t, p), bool), mask], axis=2)
   qg = q.reshape(b, t, kh, h // kh, e)
   logits = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if prefix_k is not None:
+    p = prefix_k.shape[0]
+    pq = qg if prefix_q is None else prefix_q.reshape(b, t, kh, h // kh, e)
+    prefix_logits = jnp.einsum("btkge,pke->bkgtp", pq, prefix_k.astype(k.dtype),
+                               preferred_element_type=jnp.float32) * scale
+    logits = jnp.concatenate([prefix_logits, logits], axis=-1)
+    v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype), (b, p) + prefix_v.shape[1:]), v], axis=1)
+    mask = jnp.concatenate([jnp.ones((b, t, p), bool), mask], axis=2)
   logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)

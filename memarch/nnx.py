@@ -1,0 +1,77 @@
+"""NNX facade over the linen layers (``flax.nnx.bridge.ToNNX``).
+
+memarch layers are linen over a pure-JAX core (CONVENTIONS.md, "linen or nnx?"). NNX users get the same layers,
+parameters and logical partition names through these factories::
+
+    from flax import nnx
+    from memarch import nnx as mnnx
+    attn = mnnx.MultiHeadAttention(x, num_heads=4, rngs=nnx.Rngs(0))   # initialised from the sample input x
+    y, state = attn(x)                                                    # same protocol as the linen module
+
+Each factory builds the linen module from its keyword fields and initialises it lazily on the sample inputs.
+Parameters keep their logical names (``out_sharding``); variables are created unsharded (outside a mesh), so the
+facade works on one CPU and is sharded like any NNX model under a mesh and ``nn.logical_axis_rules``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+from flax import nnx
+from flax.nnx import bridge
+
+from memarch.layers import attention as _attention
+from memarch.layers import common as _common
+from memarch.models import lm as _lm
+
+
+def to_nnx(module: nn.Module, *sample_args: Any, rngs: nnx.Rngs, **sample_kwargs: Any) -> bridge.ToNNX:
+  """Wraps a linen ``module`` as an NNX module initialised on ``sample_args`` / ``sample_kwargs``.
+
+  Args:
+    module: an unbound linen module.
+    *sample_args: positional inputs used to create the parameters.
+    rngs: NNX random streams (``params`` is used for initialisation).
+    **sample_kwargs: keyword inputs used to create the parameters.
+
+  Returns:
+    An NNX module whose call has the linen module's signature and outputs.
+  """
+  # NNX would eagerly shard variables that carry logical names and fail without a mesh; the names stay as
+  # metadata either way, so create plain variables here.
+  with flax.config.temp_flip_flag("always_shard_variable", False):
+    return bridge.ToNNX(module, rngs=rngs).lazy_init(*sample_args, **sample_kwargs)
+
+
+def linen_variables(module: bridge.ToNNX) -> dict[str, Any]:
+  """The ``{"params": ...}`` variables of a facade, as plain arrays usable with the linen module's ``apply``."""
+  return {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param))}
+
+
+def _factory(linen_cls: type[nn.Module]):
+  def build(*sample_args: Any, rngs: nnx.Rngs, sample_kwargs: dict[str, Any] | None = None,
+            **fields: Any) -> bridge.ToNNX:
+    return to_nnx(linen_cls(**fields), *sample_args, rngs=rngs, **(sample_kwargs or {}))
+
+  build.__name__ = linen_cls.__name__
+  build.__qualname__ = linen_cls.__name__
+  build.__doc__ = (f"NNX :class:`{linen_cls.__module__}.{linen_cls.__name__}` built from ``fields`` and "
+                   "initialised on the sample inputs (``sample_kwargs`` are keyword inputs, e.g. segment_ids).")
+  return build
+
+
+RMSNorm = _factory(_common.RMSNorm)
+SwiGLU = _factory(_common.SwiGLU)
+CausalConv1D = _factory(_common.CausalConv1D)
+MultiHeadAttention = _factory(_attention.MultiHeadAttention)
+LM = _factory(_lm.Model)
+
+PUBLIC_LAYERS = {
+    "RMSNorm": (RMSNorm, _common.RMSNorm),
+    "SwiGLU": (SwiGLU, _common.SwiGLU),
+    "CausalConv1D": (CausalConv1D, _common.CausalConv1D),
+    "MultiHeadAttention": (MultiHeadAttention, _attention.MultiHeadAttention),
+    "LM": (LM, _lm.Model),
+}
