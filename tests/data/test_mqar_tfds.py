@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import threading
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,20 +58,16 @@ def test_test_4x_needs_vocab_above_4l():
 
 
 def test_concurrent_prepare(tmp_path):
-  # Two preparers at once: one generates under the lock, the other then reads its data.
-  cfg = mqar_tfds.MQARConfig.from_fields(
-      vocab_size=128, seq_len=16, num_kv_pairs=2, num_train=32, num_test=8)
-  results, errors = [], []
-
-  def run():
-    try:
-      results.append(len(mqar_tfds.prepare(cfg, str(tmp_path)).as_data_source("train")))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-
-  threads = [threading.Thread(target=run) for _ in range(2)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert not errors and results == [32, 32]
+  # Two processes prepare the same config at once: one generates under the lock, the other reads its data.
+  script = (
+      "import sys\n"
+      "from memarch.data import mqar_tfds\n"
+      "cfg = mqar_tfds.MQARConfig.from_fields(vocab_size=128, seq_len=16, num_kv_pairs=2, num_train=32,"
+      " num_test=8)\n"
+      "print(len(mqar_tfds.prepare(cfg, sys.argv[1]).as_data_source('train')))\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == ["32", "32"]
