@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import DType, as_dtype, variance_scaling
+from memarch.layers.common import CausalConv1D, ConvState, DType, as_dtype, variance_scaling
 from memarch.ops import attention as attn_ops
 from memarch.typing import Array
 
@@ -36,12 +36,14 @@ class KVCache(NamedTuple):
     positions: [b, slots] absolute position of each slot; -1 marks an empty slot.
     segment_ids: [b, slots] document id of each slot.
     length: [b] number of tokens seen so far (the position of the next token).
+    conv: state of the short input convolution (``conv_width > 0``), else None.
   """
   k: Array
   v: Array
   positions: Array
   segment_ids: Array
   length: Array
+  conv: ConvState | None = None
 
 
 class MultiHeadAttention(nn.Module):
@@ -55,6 +57,11 @@ class MultiHeadAttention(nn.Module):
       ``window - 1`` tokens.
     num_persistent: learned persistent-memory vectors visible to every query (Titans eq. 19); 0 disables.
     max_len: cache slots of full attention (the longest prefill + decode a state can hold).
+    conv_width: if > 0, a causal depthwise convolution of this width mixes each input with its predecessors before
+      the q/k/v projections (a "short convolution", as in H3 / Based): a key can then carry the identity of the
+      token before it, which makes associative recall learnable by a single layer. 0 disables it.
+    d_model: model width, needed by ``init_state`` on an unbound module when ``head_dim`` is unset or the short
+      convolution is on (None: passed to ``init_state`` or inferred at call time).
     use_rope: rotate q and k by their absolute positions.
     rope_max_wavelength: RoPE base.
     w_init_variance_scale: variance multiplier of the q/k/v projections' initialiser.
@@ -68,6 +75,8 @@ class MultiHeadAttention(nn.Module):
   window: int | None = None
   num_persistent: int = 0
   max_len: int = 2048
+  conv_width: int = 0
+  d_model: int | None = None
   use_rope: bool = True
   rope_max_wavelength: float = 10_000.0
   w_init_variance_scale: float = 1.0
@@ -76,6 +85,7 @@ class MultiHeadAttention(nn.Module):
   state_dtype: DType = jnp.float32
 
   def _dims(self, d_model: int | None = None) -> tuple[int, int, int]:
+    d_model = d_model or self.d_model
     head_dim = self.head_dim
     if head_dim is None:
       if d_model is None:
@@ -99,17 +109,29 @@ class MultiHeadAttention(nn.Module):
     _, kv, e = self._dims(d_model)
     s = self.cache_slots()
     sd = as_dtype(self.state_dtype)
+    conv = None
+    if self.conv_width:
+      d_model = d_model or self.d_model
+      if d_model is None:
+        raise ValueError("MultiHeadAttention: set d_model (or pass it) to build the short-convolution state")
+      conv = self._conv(parent=None).init_state(batch_size, d_model)
     return KVCache(
         k=jnp.zeros((batch_size, s, kv, e), sd),
         v=jnp.zeros((batch_size, s, kv, e), sd),
         positions=jnp.full((batch_size, s), -1, jnp.int32),
         segment_ids=jnp.zeros((batch_size, s), jnp.int32),
-        length=jnp.zeros((batch_size,), jnp.int32))
+        length=jnp.zeros((batch_size,), jnp.int32),
+        conv=conv)
+
+  def _conv(self, **kwargs) -> CausalConv1D:
+    return CausalConv1D(width=self.conv_width, dtype=self.dtype, param_dtype=self.param_dtype,
+                        state_dtype=self.state_dtype, **kwargs)
 
   def state_size(self, d_model: int | None = None) -> int:
-    """Floats of KV cache per sequence: ``2 * slots * kv_heads * head_dim``."""
+    """Floats of KV cache per sequence: ``2 * slots * kv_heads * head_dim`` (+ the short convolution's inputs)."""
     _, kv, e = self._dims(d_model)
-    return 2 * self.cache_slots() * kv * e
+    conv = (self.conv_width - 1) * (d_model or self.d_model or 0) if self.conv_width else 0
+    return 2 * self.cache_slots() * kv * e + conv
 
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -142,6 +164,9 @@ class MultiHeadAttention(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.zeros((b, t), jnp.int32)
     positions = state.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    conv_state = None
+    if self.conv_width:
+      x_c, conv_state = self._conv(name="conv")(x_c, segment_ids=segment_ids, state=state.conv)
 
     q = jnp.einsum("btd,dhe->bthe", x_c, wq)
     k = jnp.einsum("btd,dhe->bthe", x_c, wk)
@@ -177,6 +202,7 @@ class MultiHeadAttention(nn.Module):
 
     new_state = self._update_cache(state, k.astype(sd), v.astype(sd), positions, segment_ids,
                                    (all_k.astype(sd), all_v.astype(sd), all_pos, all_seg))
+    new_state = new_state._replace(conv=conv_state)
     return y.astype(dtype or x.dtype), new_state
 
   def _update_cache(self, state, k, v, positions, segment_ids, concatenated) -> KVCache:

@@ -53,6 +53,7 @@ class LMConfig:
     window: sliding-window length used by windowed mixers.
     num_persistent: persistent-memory vectors per attention layer (Titans eq. 19).
     max_len: KV-cache slots of full attention (longest prefill + decode).
+    attention_conv_width: short causal convolution before attention's q/k/v projections (0: none).
     rope_max_wavelength: RoPE base.
     tie_embeddings: share the embedding with the output head.
     embed_init_std: standard deviation of the embedding initialiser.
@@ -75,6 +76,7 @@ class LMConfig:
   window: int | None = None
   num_persistent: int = 0
   max_len: int = 2048
+  attention_conv_width: int = 0
   rope_max_wavelength: float = 10_000.0
   tie_embeddings: bool = True
   embed_init_std: float = 0.02
@@ -175,6 +177,7 @@ class Model(nn.Module):
     window: sliding-window length of windowed mixers.
     num_persistent: persistent-memory vectors per attention layer.
     max_len: KV-cache slots of full attention.
+    attention_conv_width: short convolution before attention's projections (0: none).
     rope_max_wavelength: RoPE base.
     tie_embeddings: share embedding and output head.
     embed_init_std: embedding initialiser standard deviation.
@@ -197,6 +200,7 @@ class Model(nn.Module):
   window: int | None = None
   num_persistent: int | None = None
   max_len: int | None = None
+  attention_conv_width: int | None = None
   rope_max_wavelength: float | None = None
   tie_embeddings: bool | None = None
   embed_init_std: float | None = None
@@ -270,7 +274,11 @@ class Model(nn.Module):
   def param_count(self) -> int:
     """Number of parameters, from shapes only (``jax.eval_shape``)."""
     shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"]))))
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    # Unbox without sharding constraints, so this also works inside a mesh / logical-rules context.
+    leaves = [x.unbox(apply_constraint=False) if boxed(x) else x
+              for x in jax.tree.leaves(shapes["params"], is_leaf=boxed)]
+    return int(sum(np.prod(x.shape) for x in leaves))
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at ``seq_len``.

@@ -54,6 +54,7 @@ def _attention(window_of: Callable[["LMConfig"], int | None]) -> MixerSpec:
     return MultiHeadAttention(**module_kwargs,
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads, window=window_of(cfg),
         num_persistent=cfg.num_persistent, max_len=cfg.max_len, rope_max_wavelength=cfg.rope_max_wavelength,
+        conv_width=cfg.attention_conv_width, d_model=cfg.d_model,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, state_dtype=cfg.state_dtype)
 
   def extra_flops(cfg: "LMConfig", seq_len: int) -> float:
@@ -82,3 +83,41 @@ def _window(cfg: "LMConfig") -> int:
 
 register_mixer("attention", _attention(lambda cfg: None))
 register_mixer("sliding_window", _attention(_window))
+
+
+def _mamba2() -> MixerSpec:
+  options = ("d_state", "expand", "head_dim", "num_groups", "conv_width", "chunk_size", "scan_type")
+
+  def kwargs(cfg: "LMConfig") -> dict[str, Any]:
+    opts = cfg.options("mamba2")
+    unknown = sorted(set(opts) - set(options))
+    if unknown:
+      raise ValueError(f"model.mixer_options['mamba2']: unknown option(s) {unknown}; known: {list(options)}")
+    return opts
+
+  def build(cfg: "LMConfig", layer_index: int, **module_kwargs):
+    del layer_index
+    from memarch.layers.mamba2 import Mamba2  # lazy: keeps the registry import-cycle free
+    return Mamba2(**module_kwargs, d_model=cfg.d_model, **kwargs(cfg), dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, state_dtype=cfg.state_dtype)
+
+  def extra_flops(cfg: "LMConfig", seq_len: int) -> float:
+    # Chunked SSD per token (fwd, x3 for fwd + bwd): C Bᵀ scores (2 Q N per group), their product with dt x
+    # (2 Q P per head), the chunk state and the carried-state readout (2 P N each per head); plus the conv taps.
+    m = build(cfg, 0, parent=None)
+    _, heads, head_dim, channels = m.dims()
+    q = min(m.chunk_size, seq_len)
+    ssd = 2 * m.num_groups * q * m.d_state + heads * (2 * q * head_dim + 4 * head_dim * m.d_state)
+    return 3 * (ssd + 2 * m.conv_width * channels)
+
+  def validate(cfg: "LMConfig", seq_len: int) -> None:
+    del seq_len
+    try:
+      build(cfg, 0, parent=None).dims()
+    except ValueError as e:
+      raise ValueError(f"model.mixer_options['mamba2']: {e}") from None
+
+  return MixerSpec(build, extra_flops, validate)
+
+
+register_mixer("mamba2", _mamba2())

@@ -12,6 +12,7 @@ VARIANTS = {
     "window": dict(num_heads=2, window=4),
     "persistent": dict(num_heads=2, num_persistent=3, max_len=32),
     "window_persistent": dict(num_heads=2, window=3, num_persistent=2),
+    "window_conv": dict(num_heads=2, window=4, conv_width=3, d_model=16),
 }
 
 
@@ -51,9 +52,8 @@ def test_full_equals_token_by_token_and_chunks(name):
   # Then outputs and final states agree
   np.testing.assert_allclose(y_tok, y_full, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), y_full, atol=1e-5, rtol=1e-5)
-  for a, b, c in zip(s_full, state, state_c):
-    np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_allclose(a, c, atol=1e-5)
+  jax.tree.map(lambda a, b, c: (np.testing.assert_allclose(a, b, atol=1e-5),
+                                np.testing.assert_allclose(a, c, atol=1e-5)), s_full, state, state_c)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

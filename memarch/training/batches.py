@@ -1,0 +1,48 @@
+"""Global batches from per-process slices (CONVENTIONS.md C11); multi-host correct."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from memarch.training import step as step_lib
+
+KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def pad_local(local: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads a short (final eval) per-process batch to ``rows`` rows of unlabelled examples.
+
+  Padded rows have no labels, so they count towards no metric.
+
+  Args:
+    local: numpy arrays with a leading batch axis of at most ``rows``.
+    rows: the per-process batch size.
+
+  Returns:
+    The padded arrays.
+  """
+  n = next(iter(local.values())).shape[0]
+  if n == rows:
+    return local
+  if n > rows:
+    raise ValueError(f"per-process batch has {n} rows, expected at most {rows}")
+  fill = {"targets": step_lib.IGNORE, "segment_ids": 0}
+  return {k: np.concatenate([v, np.full((rows - n,) + v.shape[1:], fill.get(k, 0), v.dtype)]) for k, v in local.items()}
+
+
+def make_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+                global_batch_size: int) -> dict[str, jax.Array]:
+  """Assembles this process's slice into global arrays sharded over the batch axis.
+
+  Args:
+    local: ``{"inputs", "targets", "segment_ids", "positions"}`` int32[b, L] with b = global // process_count.
+    sharding: the batch sharding (batch axis over the data-parallel mesh axes).
+    global_batch_size: the global batch size.
+
+  Returns:
+    Global ``jax.Array``s of shape [global_batch_size, L].
+  """
+  local = pad_local({k: np.asarray(local[k], np.int32) for k in KEYS}, global_batch_size // jax.process_count())
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+          for k, v in local.items()}

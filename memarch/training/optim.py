@@ -1,0 +1,126 @@
+"""The optimizer: AdamW with warmup + cosine decay, clipping, a weight-decay mask and per-group LR multipliers.
+
+Weight decay applies to every weight matrix, **including the embedding table**. With tied embeddings the table is
+also the output projection, and exempting it would leave the largest matrix of a small model unregularised. Norm
+scales, gains and biases are exempt: decaying them pulls the model towards zero-gain layers. Exempt more with
+``optax.wd_exclude``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+
+# Path patterns (re.search on '/'-joined param paths) that are never weight-decayed.
+NO_DECAY_PATTERNS = (r"(^|/)bias$", r"(^|/)[^/]*_bias$", r"(^|/)scale$", r"(^|/)gain", r"(?i)norm")
+
+
+def param_paths(params: Any) -> Any:
+  """Returns a tree shaped like ``params`` whose leaves are their '/'-joined paths, e.g. ``"block_0/mlp/kernel"``.
+
+  Args:
+    params: a (nested dict) parameter tree.
+
+  Returns:
+    The tree of path strings.
+  """
+  def name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return jax.tree_util.tree_map_with_path(lambda p, _: name(p), params)
+
+
+def decay_mask(params: Any, extra_exclude: Sequence[str] = ()) -> Any:
+  """Returns a bool tree: True where weight decay applies (see the module docstring).
+
+  Args:
+    params: the parameter tree (arrays or ShapeDtypeStructs).
+    extra_exclude: more path regexes to exempt from decay.
+
+  Returns:
+    A tree of bools shaped like ``params``.
+  """
+  patterns = [re.compile(p) for p in (*NO_DECAY_PATTERNS, *extra_exclude)]
+  return jax.tree.map(lambda path, p: jnp.ndim(p) >= 2 and not any(r.search(path) for r in patterns),
+                      param_paths(params), params)
+
+
+def lr_multipliers(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
+  """Returns a float tree: the LR multiplier of each parameter, from the first regex in ``rules`` that matches.
+
+  Args:
+    params: the parameter tree.
+    rules: ``[(regex, multiplier), ...]``, matched with ``re.search`` against '/'-joined paths; no match gives 1.
+
+  Returns:
+    A tree of Python floats shaped like ``params``.
+  """
+  compiled = [(re.compile(r), float(m)) for r, m in rules]
+  def mult(path):
+    return next((m for r, m in compiled if r.search(path)), 1.0)
+  return jax.tree.map(mult, param_paths(params))
+
+
+def scale_by_multipliers(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Scales each parameter's update by its multiplier from :func:`lr_multipliers` (stateless)."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+  def update_fn(updates, state, params=None):
+    del params
+    mults = lr_multipliers(updates, rules)
+    return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_schedule(cfg: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio`` at ``total_steps``.
+
+  Args:
+    cfg: the ``optax`` config (``lr``, ``warmup_steps``, ``min_lr_ratio``).
+    total_steps: the length of the run.
+
+  Returns:
+    A schedule step -> learning rate.
+  """
+  warmup = min(int(cfg.warmup_steps), total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=cfg.lr * cfg.get("min_lr_ratio", 0.0))
+
+
+def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+  """Builds the optimizer of ``config.optax``.
+
+  Order: clip by global norm -> Adam moments -> decoupled weight decay (masked) -> -lr(step) -> LR multipliers,
+  so a multiplier scales a group's whole step, weight decay included, as a per-group LR would.
+
+  Args:
+    cfg: ``config.optax``: name ("adamw"), lr, b1, b2, eps, wd, warmup_steps, min_lr_ratio, clip,
+      lr_multipliers, wd_exclude.
+    total_steps: the length of the run (for the cosine decay).
+
+  Returns:
+    ``(tx, schedule)``.
+  """
+  if cfg.name != "adamw":
+    raise ValueError(f"optax.name: unknown optimizer {cfg.name!r} (only 'adamw')")
+  schedule = make_schedule(cfg, total_steps)
+  exclude = tuple(cfg.get("wd_exclude", ()) or ())
+  parts = []
+  if cfg.get("clip"):
+    parts.append(optax.clip_by_global_norm(cfg.clip))
+  parts += [
+      optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)),
+      optax.add_decayed_weights(cfg.get("wd", 0.0), mask=lambda p: decay_mask(p, exclude)),
+      optax.scale_by_learning_rate(schedule),
+  ]
+  rules = [tuple(r) for r in (cfg.get("lr_multipliers", ()) or ())]
+  if rules:
+    parts.append(scale_by_multipliers(rules))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,78 @@
+"""Sharded train-state creation (CONVENTIONS.md C9): eval_shape -> partition specs -> jit(init, out_shardings).
+
+The state is a plain dict ``{"params", "opt", "step", "rng"}``: unboxed params, the optax state, the number of
+steps taken (int32) and the base PRNG key (folded with the step inside the update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def _init_params(model: nn.Module, rng: jax.Array, batch_shape: tuple[int, int]) -> Any:
+  """Returns the model's boxed params for a dummy token batch."""
+  return model.init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: Any,
+                    batch_shape: tuple[int, int]) -> tuple[Any, Any]:
+  """Returns the abstract state (ShapeDtypeStructs carrying shardings) and the matching tree of NamedShardings.
+
+  Args:
+    model: the linen model; its params carry logical-partitioning boxes.
+    tx: the optimizer.
+    mesh: the device mesh.
+    rules: logical axis rules, already restricted to ``mesh``'s axes.
+    batch_shape: ``(batch, seq_len)`` of a dummy input for initialisation.
+
+  Returns:
+    ``(abstract_state, shardings)``, both dicts shaped like the state.
+  """
+  key = jax.random.key_data(jax.random.key(0))
+  boxed = jax.eval_shape(lambda r: _init_params(model, jax.random.wrap_key_data(r), batch_shape), key)
+  param_specs = nn.get_partition_spec(boxed)
+  params = jax.tree.map(lambda b: b.unbox(apply_constraint=False) if isinstance(b, nn.Partitioned) else b, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  opt = jax.eval_shape(tx.init, params)
+  is_spec = lambda x: isinstance(x, P)  # noqa: E731
+  opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, opt, param_specs,
+                                    transform_non_params=lambda _: P(), is_leaf=is_spec)
+  specs = {"params": param_specs, "opt": opt_specs, "step": P(), "rng": P()}
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = {"params": params, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct(key.shape, key.dtype)}
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return abstract, shardings
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Any, seed: int,
+                 batch_shape: tuple[int, int]) -> dict[str, Any]:
+  """Initialises the train state directly into its shardings (no full copy on any one device).
+
+  Args:
+    model: the linen model.
+    tx: the optimizer.
+    shardings: the state's NamedShardings from :func:`state_shardings`.
+    seed: the run seed; params use ``fold_in(key(seed), 0)``, the step key ``fold_in(key(seed), 1)``.
+    batch_shape: ``(batch, seq_len)`` of a dummy input.
+
+  Returns:
+    The state dict, sharded.
+  """
+  def init(seed):
+    key = jax.random.key(seed)
+    params = nn.meta.unbox(_init_params(model, jax.random.fold_in(key, 0), batch_shape))
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
+  return jax.jit(init, out_shardings=shardings)(jnp.int32(seed))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Returns the fully replicated sharding on ``mesh``."""
+  return NamedSharding(mesh, P())

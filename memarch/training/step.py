@@ -1,0 +1,108 @@
+"""The jitted train and eval steps, the loss and the metrics.
+
+Loss: cross-entropy averaged over labelled tokens (targets != -100). Accuracy is measured at labelled positions
+only, two ways: ``accuracy`` is zoology's (the mean over labelled positions within each example, then the mean over
+examples that have labels) and ``token_accuracy`` pools all labelled tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+IGNORE = -100
+
+
+def batch_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+  """Sums from which loss and accuracies follow; sums add up across batches (used by eval).
+
+  Args:
+    logits: float32[B, T, V].
+    targets: int32[B, T], IGNORE where unlabelled.
+
+  Returns:
+    Dict of float32 scalars: ``nll`` (summed over labelled tokens), ``tokens`` (labelled), ``correct`` (tokens),
+    ``example_acc`` (sum over labelled examples of their accuracy), ``examples`` (with at least one label).
+  """
+  mask = targets != IGNORE
+  safe = jnp.where(mask, targets, 0)
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  correct = (jnp.argmax(logits, -1) == safe) & mask
+  per_tokens = mask.sum(-1)
+  per_acc = correct.sum(-1) / jnp.maximum(per_tokens, 1)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  return {"nll": f32(jnp.where(mask, nll, 0.0).sum()), "tokens": f32(mask.sum()), "correct": f32(correct.sum()),
+          "example_acc": f32(jnp.where(per_tokens > 0, per_acc, 0.0).sum()), "examples": f32((per_tokens > 0).sum())}
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, float]:
+  """Turns summed :func:`batch_stats` into ``loss``, ``accuracy`` and ``token_accuracy``.
+
+  Args:
+    stats: the sums (host floats or arrays).
+
+  Returns:
+    The three metrics.
+  """
+  return {"loss": stats["nll"] / jnp.maximum(stats["tokens"], 1.0),
+          "accuracy": stats["example_acc"] / jnp.maximum(stats["examples"], 1.0),
+          "token_accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0)}
+
+
+def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  kwargs = {"segment_ids": batch["segment_ids"]}
+  # Models that derive positions from segment_ids take no `positions` argument.
+  if "positions" in inspect.signature(type(model).__call__).parameters:
+    kwargs["positions"] = batch["positions"]
+  logits, _ = model.apply({"params": params}, batch["inputs"], **kwargs)
+  return logits
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: Callable) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimizer step (jit it with the state donated).
+
+  Args:
+    state: ``{"params", "opt", "step", "rng"}``.
+    batch: global arrays ``inputs``, ``targets``, ``segment_ids``, ``positions``.
+    model: the linen model.
+    tx: the optimizer.
+    schedule: step -> learning rate (for the ``lr`` metric).
+
+  Returns:
+    ``(new_state, metrics)`` with metrics ``loss``, ``accuracy``, ``token_accuracy``, ``l2_grads``, ``l2_params``,
+    ``l2_updates``, ``lr``.
+  """
+  def loss_fn(params):
+    stats = batch_stats(_forward(model, params, batch), batch["targets"])
+    return stats["nll"] / jnp.maximum(stats["tokens"], 1.0), stats
+
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {**summarize(stats), "loss": loss, "l2_grads": optax.tree.norm(grads),
+             "l2_params": optax.tree.norm(params), "l2_updates": optax.tree.norm(updates),
+             "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
+  new_state = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
+  return new_state, metrics
+
+
+def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+  """Returns :func:`batch_stats` of one eval batch (sums, to be added across batches).
+
+  Args:
+    state: the train state (only ``params`` is read).
+    batch: global arrays as for :func:`train_step`.
+    model: the linen model.
+
+  Returns:
+    The summed stats.
+  """
+  return batch_stats(_forward(model, state["params"], batch), batch["targets"])

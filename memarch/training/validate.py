@@ -1,0 +1,117 @@
+"""Config validation: every bad field gets one clear line, before anything is compiled (CONVENTIONS.md C15)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import ml_collections as mlc
+
+from memarch import data, models, sharding
+
+_REQUIRED = ("seed", "total_steps", "model_name", "model", "input", "mesh", "logical_axis_rules", "optax",
+             "log_every", "eval_every", "ckpt_every", "keep_ckpts")
+
+
+def data_parallel_axes(config: mlc.ConfigDict) -> tuple[str, ...]:
+  """Returns the mesh axes the batch is split over (the ``act_batch`` rule), e.g. ``("data", "fsdp")``."""
+  for name, target in config.logical_axis_rules:
+    if name == "act_batch":
+      return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  return ()
+
+
+def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_count: int | None = None) -> None:
+  """Checks ``config`` against the registries and the devices.
+
+  Args:
+    config: the experiment config.
+    num_devices: the global device count (default ``jax.device_count()``).
+    process_count: the number of processes (default ``jax.process_count()``).
+
+  Raises:
+    ValueError: listing one line per bad field, each starting with the field's name.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  missing = [f for f in _REQUIRED if f not in config]
+  if missing:
+    raise ValueError("\n".join(f"{f}: missing from the config" for f in missing))
+  errors = []
+
+  for field in ("total_steps", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+    if not isinstance(config[field], int) or config[field] <= 0:
+      errors.append(f"{field}={config[field]!r} must be a positive int")
+
+  info = None
+  try:
+    info = data.get_task_info(config.input)
+  except ValueError as e:
+    errors.append(str(e) if str(e).startswith("input") else f"input.name: {e}")
+
+  model = None
+  try:
+    model = models.get_model(config.model_name, **config.model)
+  except ValueError as e:
+    errors.append(str(e) if str(e).startswith(("model", "model_name")) else f"model_name: {e}")
+  except TypeError as e:
+    errors.append(f"model: {e}")
+
+  sizes = {}
+  try:
+    mesh_sizes = [(n, int(s)) for n, s in config.mesh]
+    known = math.prod(s for _, s in mesh_sizes if s != -1)
+    sizes = {n: (s if s != -1 else num_devices // max(known, 1)) for n, s in mesh_sizes}
+    unknown_axes = [n for n, _ in mesh_sizes if n not in sharding.MESH_AXES + ("memory",)]
+    if unknown_axes:
+      errors.append(f"mesh: unknown axes {unknown_axes}; known are {sharding.MESH_AXES + ('memory',)}")
+    elif [s for _, s in mesh_sizes].count(-1) > 1 or math.prod(sizes.values()) != num_devices:
+      errors.append(f"mesh={list(map(tuple, config.mesh))} does not match the {num_devices} devices present "
+                    f"(sizes multiply to {math.prod(sizes.values())}; at most one -1)")
+      sizes = {}
+  except (TypeError, ValueError) as e:
+    errors.append(f"mesh: cannot read {config.mesh!r} as [(axis, size), ...] ({e})")
+
+  for name, _ in config.logical_axis_rules:
+    if name not in sharding.WEIGHT_AXES + sharding.ACTIVATION_AXES:
+      errors.append(f"logical_axis_rules: unknown logical axis {name!r}")
+
+  batch = config.input.get("batch_size")
+  if not isinstance(batch, int) or batch <= 0:
+    errors.append(f"input.batch_size={batch!r} must be a positive int")
+  elif sizes:
+    axes = [a for a in data_parallel_axes(config) if a in sizes]
+    dp = math.prod(sizes[a] for a in axes)
+    if batch % dp:
+      detail = " x ".join(f"{a}={sizes[a]}" for a in axes)
+      errors.append(f"input.batch_size={batch} is not divisible by the data-parallel size {dp} (mesh {detail})")
+    elif batch % process_count:
+      errors.append(f"input.batch_size={batch} is not divisible by the process count {process_count}")
+
+  if info is not None:
+    seq_len = config.input.get("seq_len", info.seq_len)
+    if model is not None:
+      try:
+        model.validate(seq_len)
+      except ValueError as e:
+        errors.append(f"input.seq_len={seq_len}: {e}")
+    vocab = config.model.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < info.vocab_size:
+      errors.append(f"model.vocab_size={vocab!r} is too small for task {info.name!r}, which needs "
+                    f"{info.vocab_size} tokens")
+
+  opt = config.optax
+  if opt.get("name") != "adamw":
+    errors.append(f"optax.name={opt.get('name')!r} is unknown (only 'adamw')")
+  if not opt.get("lr", 0) > 0:
+    errors.append(f"optax.lr={opt.get('lr')!r} must be positive")
+  for field in ("lr_multipliers", "wd_exclude"):
+    for item in opt.get(field, ()) or ():
+      pattern = item[0] if field == "lr_multipliers" else item
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        errors.append(f"optax.{field}: bad regex {pattern!r} ({e})")
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,218 @@
+r"""Trains a memarch model: config -> validate -> mesh -> data -> model -> sharded state -> restore -> loop -> exit.
+
+  python train.py --config configs/mqar/transformer.py --workdir /tmp/mqar
+  python train.py --config configs/mqar/transformer.py:runlocal --workdir /tmp/mqar_local
+
+Multi-process (one command per host; on a cluster jax finds the coordinator itself):
+  python train.py --config ... --workdir ... --multiprocess \
+      [--coordinator_address=host:port --num_processes=N --process_id=i]
+
+Interrupt with SIGTERM or Ctrl-C: the run saves a checkpoint and exits; rerunning the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import tqdm
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from memarch import data, models, sharding
+from memarch.training import batches, checkpoint, evaluate, metrics, optim, validate
+from memarch.training import state as state_lib
+from memarch.training import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() first.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --multiprocess).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --multiprocess).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --multiprocess).")
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts jax's multi-process runtime; CPU collectives go over gloo.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0; None lets jax detect the cluster.
+    num_processes: the number of processes; None to detect.
+    process_id: this process's index; None to detect.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+class StopRequest:
+  """Turns SIGTERM and the first Ctrl-C into a request to checkpoint and stop (a second Ctrl-C kills).
+
+  Attributes:
+    requested: whether a stop was requested on this process.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self) -> StopRequest:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("Signal %d received: saving a checkpoint and stopping.", signum)
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process asked to stop (a collective when several processes run)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(self.requested).any())
+
+
+@jax.jit
+def _add(acc: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return jax.tree.map(lambda a, b: a + b, acc, new)
+
+
+def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | None = None) -> list[dict[str, float]]:
+  """Runs (or resumes) the training job of ``config`` in ``workdir``.
+
+  Args:
+    config: the experiment ConfigDict (see ``configs/``).
+    workdir: where checkpoints, ``metrics.jsonl`` and TensorBoard files go.
+    interrupt_at_step: behave as if SIGTERM arrived after this step (for tests).
+
+  Returns:
+    The logged train metrics of this invocation, one dict per logging step (with ``step``), on every process.
+  """
+  validate.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_for_mesh(config.logical_axis_rules, mesh)
+  is_main = jax.process_index() == 0
+
+  info = data.get_task_info(config.input)
+  seq_len = config.input.get("seq_len", info.seq_len)
+  batch_size = config.input.batch_size
+  iterator_args = dict(global_batch_size=batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count(), data_dir=config.input.get("data_dir"))
+  train_iter = data.build_iterator(config.input, split="train", seed=config.seed, shuffle=True, num_epochs=None,
+                                   **iterator_args)
+  eval_splits = {s: functools.partial(data.build_iterator, config.input, split=s, seed=config.seed, shuffle=False,
+                                      num_epochs=1, drop_remainder=False, **iterator_args) for s in info.eval_splits}
+
+  model = models.get_model(config.model_name, **config.model)
+  tx, schedule = optim.make_optimizer(config.optax, config.total_steps)
+
+  # Both outside the mesh context: the peak runs on one device, and the FLOP count traces the model unsharded.
+  peak = metrics.total_peak(metrics.measure_matmul_peak(dtype=config.model.get("dtype") or "float32"))
+  flops_per_step = model.flops_per_token(seq_len) * batch_size * seq_len
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("act_batch", None), mesh, rules)
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules, (batch_size, seq_len))
+    manager = checkpoint.make_manager(workdir, config.keep_ckpts)
+    state = checkpoint.restore_latest(manager, abstract, train_iter)
+    if state is None:
+      state = state_lib.create_state(model, tx, shardings, config.seed, (batch_size, seq_len))
+    if is_main:
+      metrics.log_param_overview(state["params"])
+
+    replicated = state_lib.replicated(mesh)
+    step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                      donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                      in_shardings=(shardings, batch_sharding), out_shardings=replicated)
+
+    writer = metrics.MetricWriter(workdir)
+    start = int(jax.device_get(state["step"]))
+    history = []
+    pbar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    acc, acc_steps, window_first, timer, timed_steps = None, 0, start + 1, None, 0
+
+    with StopRequest() as stop:
+      for step in range(start + 1, config.total_steps + 1):  # `step` counts the updates done after this one
+        batch = batches.make_global(next(train_iter), batch_sharding, batch_size)
+        with jax.transfer_guard("disallow"):
+          state, step_metrics = step_fn(state, batch)
+          acc = step_metrics if acc is None else _add(acc, step_metrics)
+        acc_steps += 1
+        if timer is None:  # the first step compiles; time from its end
+          jax.block_until_ready(step_metrics)
+          timer = time.perf_counter()
+        else:
+          timed_steps += 1
+        pbar.update(1)
+
+        # Checkpoint steps log too, so that a non-finite state is caught before it is saved.
+        if step % config.log_every == 0 or step % config.ckpt_every == 0 or step == config.total_steps:
+          scalars = {k: float(v) / acc_steps for k, v in jax.device_get(acc).items()}
+          metrics.check_finite(scalars, window_first, step)
+          elapsed = time.perf_counter() - timer
+          if timed_steps:
+            scalars["steps_per_s"] = timed_steps / elapsed
+            scalars["tokens_per_s"] = timed_steps * batch_size * seq_len / elapsed
+            scalars["mfu"] = timed_steps * flops_per_step / elapsed / peak
+          writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
+          history.append({"step": step, **scalars})
+          pbar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars['accuracy']:.3f}")
+          acc, acc_steps, window_first, timer, timed_steps = None, 0, step + 1, time.perf_counter(), 0
+
+        if step % config.eval_every == 0 or step == config.total_steps:
+          results = evaluate.evaluate(eval_fn, state, eval_splits, batch_sharding, batch_size)
+          writer.write(step, results)
+          if is_main:
+            pbar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+          if timer is not None:  # eval time is not training throughput
+            timer, timed_steps = time.perf_counter(), 0
+
+        # With several processes the stop flag is agreed on (a collective) only on logging steps.
+        check_stop = jax.process_count() == 1 or step % config.log_every == 0
+        stopping = step == interrupt_at_step or (check_stop and stop.agreed())
+        if stopping or step % config.ckpt_every == 0 or step == config.total_steps:
+          checkpoint.save(manager, step, state, train_iter)
+        if stopping:
+          logging.warning("Stopped after step %d; rerun the same command to resume.", step)
+          break
+    pbar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return history
+
+
+def main(argv: list[str]) -> None:
+  """Entry point: ``python train.py --config ... --workdir ...``."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _MULTIPROCESS.value:
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("train_end")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
