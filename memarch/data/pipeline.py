@@ -286,6 +286,7 @@ def _mqar_source(input_cfg: Any, split: str, data_dir: str):
 def _text_source(input_cfg: Any, split: str, data_dir: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  from memarch.data import local_text  # pylint: disable=g-import-not-at-top,unused-import  (registers it)
   from memarch.data import tfds_util  # pylint: disable=g-import-not-at-top
 
   name = cfg_get(input_cfg, "dataset")

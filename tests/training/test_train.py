@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -124,3 +126,42 @@ def test_two_processes_match_one(data_dir, reference, tmp_path):
   want = ht.losses(reference[1])
   np.testing.assert_allclose([got[0][str(s)] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-5)
   assert jax.device_count() == 8
+
+
+def test_sigterm_checkpoints_and_the_rerun_resumes(data_dir, tmp_path):
+  # Given the real command line running a long job in a subprocess;
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  workdir = str(tmp_path / "work")
+  flags = ["--config", "configs/mqar/transformer.py:runlocal", "--workdir", workdir,
+           "--config.input.seq_len=32", "--config.input.vocab_size=128", "--config.input.num_kv_pairs=4",
+           "--config.input.num_train=256", "--config.input.num_test=32", f"--config.input.data_dir={data_dir}",
+           "--config.model.vocab_size=128", "--config.model.d_model=32", "--config.model.max_len=128",
+           "--config.log_every=1", "--config.eval_every=100000", "--config.ckpt_every=100000"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen([sys.executable, "train.py", *flags, "--config.total_steps=100000"], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    # When it has logged a few steps and receives SIGTERM;
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics_path) and len(ht.read_jsonl(workdir)) >= 3:
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  # Then it exits cleanly with a checkpoint at the step it stopped after,
+  assert proc.returncode == 0, out[-3000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert saved and saved[-1] >= 3
+  # and rerunning the same command resumes from there.
+  stop = saved[-1]
+  rerun = subprocess.run([sys.executable, "train.py", *flags, f"--config.total_steps={stop + 2}"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+  steps = [r["step"] for r in ht.read_jsonl(workdir) if "train/loss" in r]
+  assert steps[-2:] == [stop + 1, stop + 2] and steps.count(stop + 1) == 1
