@@ -137,7 +137,16 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
       metrics.log_param_overview(state["params"])
 
     replicated = state_lib.replicated(mesh)
-    step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule),
+    traces = []
+
+    def train_step(state, batch):
+      # The body runs only while tracing: a second trace means a recompile (e.g. a changed shape or dtype).
+      traces.append(1)
+      if len(traces) > 1:
+        raise RuntimeError("train step traced again: the state or batch changed shape/dtype/sharding between steps")
+      return step_lib.train_step(state, batch, model=model, tx=tx, schedule=schedule)
+
+    step_fn = jax.jit(train_step,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                       donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),

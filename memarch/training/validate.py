@@ -96,6 +96,12 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
         model.validate(seq_len)
       except ValueError as e:
         errors.append(f"input.seq_len={seq_len}: {e}")
+      else:
+        if "test_4x" in info.eval_splits:  # the length-generalisation split runs 4x longer sequences
+          try:
+            model.validate(4 * seq_len)
+          except ValueError as e:
+            errors.append(f"input.seq_len={seq_len}: the test_4x eval split has length {4 * seq_len}: {e}")
     vocab = config.model.get("vocab_size")
     if not isinstance(vocab, int) or vocab < info.vocab_size:
       errors.append(f"model.vocab_size={vocab!r} is too small for task {info.name!r}, which needs "

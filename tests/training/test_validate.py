@@ -39,6 +39,15 @@ def test_bad_field_raises_its_message(field, value, message, tmp_path):
     validate.validate(config)
 
 
+def test_eval_length_is_validated_too(tmp_path):
+  # The tiny task with a vocabulary above 4L gets a test_4x split of length 128, longer than the KV cache.
+  config = ht.tiny_config(str(tmp_path))
+  config.input.vocab_size = config.model.vocab_size = 512
+  config.model.max_len = 64
+  with pytest.raises(ValueError, match=r"the test_4x eval split has length 128: model.max_len=64"):
+    validate.validate(config)
+
+
 def test_batch_divisibility_names_fsdp(tmp_path):
   config = ht.tiny_config(str(tmp_path), mesh=[("data", 2), ("fsdp", 2), ("tensor", 2)])
   config.input.batch_size = 6
