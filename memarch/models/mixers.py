@@ -121,3 +121,116 @@ def _mamba2() -> MixerSpec:
 
 
 register_mixer("mamba2", _mamba2())
+
+
+# Titans (spec titans.md): the LMM alone and the MAG / MAL / MAC hybrids. Options come from
+# ``model.mixer_options[name]``: NeuralMemory fields (chunk_size, depth, max_lr, ...) for every variant, plus the
+# block's own fields for the hybrids (e.g. ``gate`` for MAG, ``segment_len`` for MAC). The registered memory
+# default is chunk_size=1 (the paper's token-level update, spec §3.1 "paper-exact"): packed documents may then start
+# anywhere; a larger chunk needs document starts at its multiples.
+_TITANS_MEMORY_DEFAULTS = {"chunk_size": 1}
+
+
+def _titans(name: str) -> MixerSpec:
+  def parts(cfg: "LMConfig"):
+    import dataclasses as dc
+
+    from memarch.layers import titans  # lazy: keeps the registry import-cycle free
+    memory_fields = {f.name for f in dc.fields(titans.NeuralMemory)} - {"parent", "name"}
+    block_cls = getattr(titans, {"titans_lmm": "NeuralMemory", "titans_mag": "TitansMAG", "titans_mal": "TitansMAL",
+                                 "titans_mac": "TitansMAC"}[name])
+    block_fields = {f.name for f in dc.fields(block_cls)} - {"parent", "name", "memory_options"}
+    opts = cfg.options(name)
+    unknown = sorted(set(opts) - memory_fields - block_fields)
+    if unknown:
+      raise ValueError(f"model.mixer_options[{name!r}]: unknown option(s) {unknown}")
+    return titans, block_cls, block_fields, opts
+
+  def build(cfg: "LMConfig", layer_index: int, **module_kwargs):
+    del layer_index
+    titans, block_cls, block_fields, opts = parts(cfg)
+    common = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_model=cfg.d_model, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, state_dtype=cfg.state_dtype)
+    if block_cls is titans.NeuralMemory:
+      return block_cls(**module_kwargs, **{**common, **_TITANS_MEMORY_DEFAULTS, **opts})
+    memory = {**_TITANS_MEMORY_DEFAULTS, **{k: v for k, v in opts.items() if k not in block_fields}}
+    block = dict(num_persistent=cfg.num_persistent, rope_max_wavelength=cfg.rope_max_wavelength)
+    if name != "titans_mac":
+      block.update(window=cfg.window, max_len=cfg.max_len, attention_conv_width=cfg.attention_conv_width)
+    block.update({k: v for k, v in opts.items() if k in block_fields})
+    return block_cls(**module_kwargs, **common, **block, memory_options=tuple(sorted(memory.items())))
+
+  def extra_flops(cfg: "LMConfig", seq_len: int) -> float:
+    # Memory (spec §3.6): store forward 2|W| + inner backward 4|W| + retrieval 2|W| per head and token, x3 for the
+    # outer forward + backward; attention scores as for sliding windows (MAC: N_p + up to 2C keys per query).
+    titans, block_cls, _, _ = parts(cfg)
+    m = build(cfg, 0, parent=None)
+    mem = m if block_cls is titans.NeuralMemory else m._memory(parent=None)
+    h, e = mem.dims()
+    c = mem.lmm_config()
+    widths = [e] + [c.expansion * e] * (c.depth - 1) + [e]
+    w = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    flops = 3 * 8 * h * w
+    if block_cls is titans.NeuralMemory:
+      return flops
+    if name == "titans_mac":
+      visible = m.num_persistent + min(seq_len, m.segment_len)  # h and x keys, on average C/2 each
+    else:
+      win = m.window
+      visible = sum(min(i + 1, win or i + 1) for i in range(seq_len)) / seq_len + m.num_persistent
+    return flops + 3 * 4 * cfg.num_heads * cfg.head_dim * visible
+
+  def validate(cfg: "LMConfig", seq_len: int) -> None:
+    del seq_len
+    try:
+      m = build(cfg, 0, parent=None)
+      m.init_state(1)
+    except ValueError as e:
+      raise ValueError(f"model.mixer_options[{name!r}]: {e}") from None
+
+  return MixerSpec(build, extra_flops, validate)
+
+
+for _name in ("titans_lmm", "titans_mag", "titans_mal", "titans_mac"):
+  register_mixer(_name, _titans(_name))
+
+
+def _hcam() -> MixerSpec:
+  options = ("chunk_size", "top_k", "max_chunks", "window", "memory_source", "path", "stop_gradient_memory",
+             "use_position_code", "hcam_init_variance_scale")
+
+  def kwargs(cfg: "LMConfig") -> dict[str, Any]:
+    opts = cfg.options("hcam")
+    unknown = sorted(set(opts) - set(options))
+    if unknown:
+      raise ValueError(f"model.mixer_options['hcam']: unknown option(s) {unknown}; known: {list(options)}")
+    return opts
+
+  def build(cfg: "LMConfig", layer_index: int, **module_kwargs):
+    del layer_index
+    from memarch.layers.hcam import HCAMBlock  # lazy: keeps the registry import-cycle free
+    return HCAMBlock(**module_kwargs, num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_model=cfg.d_model,
+                     rope_max_wavelength=cfg.rope_max_wavelength, **kwargs(cfg), dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, state_dtype=cfg.state_dtype)
+
+  def extra_flops(cfg: "LMConfig", seq_len: int) -> float:
+    # Per token, x3 for fwd + bwd: local attention scores and sum (4 H dk per visible key); HCAM relevance scores
+    # (2 d per visible chunk) and the block-dense within-chunk attention (4 H dk per visible memory slot). Visible
+    # chunks are averaged over the sequence and capped by max_chunks.
+    m = build(cfg, 0, parent=None)
+    w, c, f = m.local_window(), m.chunk_size, cfg.num_heads * cfg.head_dim
+    local = sum(min(i + 1, w) for i in range(seq_len)) / seq_len
+    chunks = sum(min(max(i // c - 1, 0), m.max_chunks) for i in range(seq_len)) / seq_len
+    return 3 * (4 * f * local + 2 * cfg.d_model * chunks + 4 * f * chunks * c)
+
+  def validate(cfg: "LMConfig", seq_len: int) -> None:
+    del seq_len
+    try:
+      build(cfg, 0, parent=None).check()
+    except ValueError as e:
+      raise ValueError(f"model.mixer_options['hcam']: {e}") from None
+
+  return MixerSpec(build, extra_flops, validate)
+
+
+register_mixer("hcam", _hcam())
