@@ -63,6 +63,7 @@ class MultiHeadAttention(nn.Module):
     d_model: model width, needed by ``init_state`` on an unbound module when ``head_dim`` is unset or the short
       convolution is on (None: passed to ``init_state`` or inferred at call time).
     use_rope: rotate q and k by their absolute positions.
+    block_size: query block length of the full-sequence form (invisible key blocks are skipped).
     rope_max_wavelength: RoPE base.
     w_init_variance_scale: variance multiplier of the q/k/v projections' initialiser.
     dtype: computation dtype (None: promoted input dtype).
@@ -78,6 +79,7 @@ class MultiHeadAttention(nn.Module):
   conv_width: int = 0
   d_model: int | None = None
   use_rope: bool = True
+  block_size: int = 256
   rope_max_wavelength: float = 10_000.0
   w_init_variance_scale: float = 1.0
   dtype: DType = None
@@ -190,10 +192,10 @@ class MultiHeadAttention(nn.Module):
     cat = lambda old, new: jnp.concatenate([old.astype(new.dtype), new], axis=1)
     all_k, all_v = cat(state.k, k), cat(state.v, v)
     all_pos, all_seg = cat(state.positions, positions), cat(state.segment_ids, segment_ids)
-    if fresh:
-      mask = attn_ops.attention_mask(positions, positions, segment_ids, segment_ids, window=self.window)
-      out = attn_ops.dot_product_attention(q, k, v, mask, prefix_k=prefix_k, prefix_v=prefix_v,
-                                           prefix_q=q_plain)
+    if fresh:  # keys are exactly the new tokens: skip the blocks no query can see
+      out = attn_ops.blockwise_causal_attention(q, k, v, positions, segment_ids, window=self.window,
+                                                prefix_k=prefix_k, prefix_v=prefix_v, prefix_q=q_plain,
+                                                block_size=self.block_size)
     else:
       mask = attn_ops.attention_mask(positions, all_pos, segment_ids, all_seg, window=self.window)
       out = attn_ops.dot_product_attention(q, all_k, all_v, mask, prefix_k=prefix_k, prefix_v=prefix_v,

@@ -121,3 +121,56 @@ def rope(x: Array, positions: Array, *, max_wavelength: float = 10_000.0) -> Arr
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def blockwise_causal_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    positions: Array,
+    segment_ids: Array | None = None,
+    *,
+    window: int | None = None,
+    prefix_k: Array | None = None,
+    prefix_v: Array | None = None,
+    prefix_q: Array | None = None,
+    block_size: int = 256,
+) -> Array:
+  """Causal (optionally windowed) self-attention computed one query block at a time, skipping invisible keys.
+
+  Equals :func:`dot_product_attention` under ``attention_mask(positions, positions, segment_ids, segment_ids,
+  window=window)`` when the ``t`` tokens are consecutive (``positions[:, i] = positions[:, 0] + i``, as in one call of
+  a layer). Query block ``[lo, hi)`` attends only to keys ``[max(0, lo - window + 1), hi)``, so the upper triangle
+  (and, with a window, everything older than it) is never computed: about half the work of the dense form for
+  causal attention and O(t * window) for sliding windows.
+
+  Args:
+    q: [b, t, h, e] queries.
+    k: [b, t, kh, e] keys of the same tokens.
+    v: [b, t, kh, ev] values.
+    positions: [b, t] consecutive absolute positions.
+    segment_ids: [b, t] document ids (None: one document).
+    window: sliding-window length, or None for full causal attention.
+    prefix_k: always-visible prefix keys (see :func:`dot_product_attention`).
+    prefix_v: prefix values.
+    prefix_q: queries scored against the prefix.
+    block_size: query block length; a static Python loop runs over ``ceil(t / block_size)`` blocks.
+
+  Returns:
+    [b, t, h, ev] attention output.
+  """
+  t = q.shape[1]
+  if t <= block_size:
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, window=window)
+    return dot_product_attention(q, k, v, mask, prefix_k=prefix_k, prefix_v=prefix_v, prefix_q=prefix_q)
+  outs = []
+  for lo in range(0, t, block_size):
+    hi = min(lo + block_size, t)
+    k_lo = 0 if window is None else max(0, lo - window + 1)
+    q_seg = None if segment_ids is None else segment_ids[:, lo:hi]
+    k_seg = None if segment_ids is None else segment_ids[:, k_lo:hi]
+    mask = attention_mask(positions[:, lo:hi], positions[:, k_lo:hi], q_seg, k_seg, window=window)
+    outs.append(dot_product_attention(
+        q[:, lo:hi], k[:, k_lo:hi], v[:, k_lo:hi], mask, prefix_k=prefix_k, prefix_v=prefix_v,
+        prefix_q=None if prefix_q is None else prefix_q[:, lo:hi]))
+  return jnp.concatenate(outs, axis=1)

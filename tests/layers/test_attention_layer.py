@@ -13,6 +13,9 @@ VARIANTS = {
     "persistent": dict(num_heads=2, num_persistent=3, max_len=32),
     "window_persistent": dict(num_heads=2, window=3, num_persistent=2),
     "window_conv": dict(num_heads=2, window=4, conv_width=3, d_model=16),
+    # Query blocks smaller than the sequence exercise the blockwise full-sequence form.
+    "full_blocks": dict(num_heads=2, max_len=32, block_size=4, num_persistent=1),
+    "window_blocks": dict(num_heads=2, window=3, block_size=5),
 }
 
 
