@@ -45,3 +45,25 @@ def parse_arg(arg: str | None, **defaults: object) -> mlc.ConfigDict:
       raise ValueError(f"config arg: unknown key {key!r}; known keys are {sorted(defaults)}")
     out[key] = _cast(value, defaults[key]) if "=" in token else _cast("", defaults[key])
   return out
+
+
+def add_sharding(c: mlc.ConfigDict) -> None:
+  """Sets the default mesh (all devices data-parallel) and the logical axis rules (CONVENTIONS.md C6, C10).
+
+  Scale out by editing ``c.mesh``, e.g. ``[("data", -1), ("fsdp", 8), ("tensor", 4)]``; the rules already map
+  weights to ``fsdp`` / ``tensor``.
+  """
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.logical_axis_rules = [
+      ("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+      ("vocab", "tensor"), ("act_heads", "tensor")]
+
+
+def adamw(lr: float, *, warmup_steps: int, b2: float = 0.98, wd: float = 0.1) -> mlc.ConfigDict:
+  """The ``optax`` section: AdamW, linear warmup then cosine decay to 0.1 lr, global-norm clipping at 1.
+
+  ``lr_multipliers`` is ``[(regex on '/'-joined param path, multiplier)]`` (first match wins; memory layers tune
+  their gates there) and ``wd_exclude`` lists regexes exempt from weight decay on top of norms, biases and gains.
+  """
+  return mlc.ConfigDict(dict(name="adamw", lr=lr, b1=0.9, b2=b2, eps=1e-8, wd=wd, warmup_steps=warmup_steps,
+                             min_lr_ratio=0.1, clip=1.0, lr_multipliers=[], wd_exclude=[]))

@@ -49,21 +49,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.max_len = c.input.seq_len
   c.model.dtype = mlc.config_dict.placeholder(str)  # "bfloat16" on accelerators
 
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-  c.logical_axis_rules = [
-      ("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-      ("vocab", "tensor"), ("act_heads", "tensor")]
-
-  c.optax = mlc.ConfigDict()
-  c.optax.name = "adamw"
-  c.optax.lr = 3e-3 if arg.runlocal else 1e-3
-  c.optax.b1, c.optax.b2, c.optax.eps = 0.9, 0.95, 1e-8
-  c.optax.wd = 0.1
-  c.optax.warmup_steps = 5 if arg.runlocal else 200
-  c.optax.min_lr_ratio = 0.1
-  c.optax.clip = 1.0
-  c.optax.lr_multipliers = []
-  c.optax.wd_exclude = []
+  cc.add_sharding(c)
+  c.optax = cc.adamw(3e-3 if arg.runlocal else 1e-3, warmup_steps=5 if arg.runlocal else 200, b2=0.95)
 
   c.log_every = 10 if arg.runlocal else 50
   c.eval_every = 50 if arg.runlocal else 500
