@@ -24,6 +24,9 @@ from flax.nnx import bridge
 
 from memarch.layers import attention as _attention
 from memarch.layers import common as _common
+from memarch.layers import hcam as _hcam
+from memarch.layers import mamba2 as _mamba2
+from memarch.layers import titans as _titans
 from memarch.models import lm as _lm
 
 
@@ -66,6 +69,12 @@ RMSNorm = _factory(_common.RMSNorm)
 SwiGLU = _factory(_common.SwiGLU)
 CausalConv1D = _factory(_common.CausalConv1D)
 MultiHeadAttention = _factory(_attention.MultiHeadAttention)
+Mamba2 = _factory(_mamba2.Mamba2)
+NeuralMemory = _factory(_titans.NeuralMemory)
+TitansMAC = _factory(_titans.TitansMAC)
+TitansMAG = _factory(_titans.TitansMAG)
+TitansMAL = _factory(_titans.TitansMAL)
+HCAMBlock = _factory(_hcam.HCAMBlock)
 LM = _factory(_lm.Model)
 
 PUBLIC_LAYERS = {
@@ -73,5 +82,11 @@ PUBLIC_LAYERS = {
     "SwiGLU": (SwiGLU, _common.SwiGLU),
     "CausalConv1D": (CausalConv1D, _common.CausalConv1D),
     "MultiHeadAttention": (MultiHeadAttention, _attention.MultiHeadAttention),
+    "Mamba2": (Mamba2, _mamba2.Mamba2),
+    "NeuralMemory": (NeuralMemory, _titans.NeuralMemory),
+    "TitansMAC": (TitansMAC, _titans.TitansMAC),
+    "TitansMAG": (TitansMAG, _titans.TitansMAG),
+    "TitansMAL": (TitansMAL, _titans.TitansMAL),
+    "HCAMBlock": (HCAMBlock, _hcam.HCAMBlock),
     "LM": (LM, _lm.Model),
 }

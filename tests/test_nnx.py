@@ -16,6 +16,12 @@ CASES = {
     "SwiGLU": (dict(hidden=32), (X,)),
     "CausalConv1D": (dict(width=3), (X,)),
     "MultiHeadAttention": (dict(num_heads=2, window=3, num_persistent=2), (X,)),
+    "Mamba2": (dict(d_model=16, d_state=8, head_dim=8, chunk_size=4), (X,)),
+    "NeuralMemory": (dict(num_heads=2, chunk_size=1, d_model=16), (X,)),
+    "TitansMAC": (dict(num_heads=2, segment_len=2, num_persistent=2, d_model=16, memory_options=(("chunk_size", 2),)), (X,)),
+    "TitansMAG": (dict(num_heads=2, window=3, num_persistent=2, d_model=16), (X,)),
+    "TitansMAL": (dict(num_heads=2, window=3, d_model=16), (X,)),
+    "HCAMBlock": (dict(num_heads=2, chunk_size=2, top_k=2, max_chunks=4, d_model=16), (X,)),
     "LM": (dict(vocab_size=11, variant="tiny", mixers=("attention", "sliding_window"), window=2, max_len=16),
            (TOKENS,)),
 }
