@@ -1,7 +1,7 @@
 r"""Trains a memarch model: config -> validate -> mesh -> data -> model -> sharded state -> restore -> loop -> exit.
 
-  python train.py --config configs/mqar/transformer.py --workdir /tmp/mqar
-  python train.py --config configs/mqar/transformer.py:runlocal --workdir /tmp/mqar_local
+  python train.py --config configs/mqar/transformer.py --workdir workdir/mqar
+  python train.py --config configs/mqar/transformer.py:runlocal --workdir workdir/mqar_local
 
 Multi-process (one command per host; on a cluster jax finds the coordinator itself):
   python train.py --config ... --workdir ... --multiprocess \

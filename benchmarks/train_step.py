@@ -14,7 +14,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from absl import app, flags

@@ -93,3 +93,31 @@ def rules_for_mesh(rules: LogicalRules, mesh: jax.sharding.Mesh) -> tuple[tuple[
     kept = tuple(t for t in targets if t in mesh.axis_names)
     out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
   return tuple(out)
+
+
+def param_shardings(module, *sample_args, mesh: jax.sharding.Mesh, rules: LogicalRules | None = None):
+  """The mesh sharding of every parameter of ``module`` from its logical names (shapes only, nothing allocated).
+
+  Args:
+    module: an unbound linen module whose params carry ``nn.with_logical_partitioning`` names.
+    *sample_args: inputs for ``module.init`` (only their shapes matter).
+    mesh: the device mesh.
+    rules: logical-to-mesh rules (default: :data:`DEFAULT_RULES` restricted to ``mesh``'s axes).
+
+  Returns:
+    A tree of ``NamedSharding`` shaped like ``module.init(...)["params"]``; use it as ``out_shardings`` of a jitted
+    init, or flatten it with :func:`flat_specs` to check it.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top  (keeps this module importable without flax)
+
+  rules = rules_for_mesh(DEFAULT_RULES if rules is None else rules, mesh)
+  abstract = jax.eval_shape(module.init, jax.random.key(0), *sample_args)
+  specs = nn.get_partition_spec(abstract)["params"]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def flat_specs(shardings) -> dict[str, jax.sharding.PartitionSpec]:
+  """``{"block_0/mixer/q": PartitionSpec(...), ...}``: the partition spec of each leaf, by '/'-joined path."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
+          for path, s in jax.tree_util.tree_leaves_with_path(shardings)}

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.input.num_train = 2_000 if arg.runlocal else 20_000
   c.input.num_test = 256 if arg.runlocal else 1_000
   c.input.batch_size = 64
-  c.input.data_dir = mlc.config_dict.placeholder(str)  # None: $MEMARCH_DATA_DIR or ~/tensorflow_datasets
+  c.input.data_dir = mlc.FieldReference(None, field_type=str)  # None: $MEMARCH_DATA_DIR or ~/tensorflow_datasets
 
   c.model_name = "lm"
   c.model = mlc.ConfigDict()

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.input.tokenizer = "byte"  # or the path of a SentencePiece .model file (then set model.vocab_size to match)
   c.input.seq_len = 128 if arg.runlocal else 512
   c.input.batch_size = 8 if arg.runlocal else 32
-  c.input.data_dir = mlc.config_dict.placeholder(str)
+  c.input.data_dir = mlc.FieldReference(None, field_type=str)
 
   c.model_name = "lm"
   c.model = mlc.ConfigDict()
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.mixers = ("attention", "sliding_window") * (1 if arg.runlocal else 2)
   c.model.window = 64 if arg.runlocal else 256  # alternate global and local layers
   c.model.max_len = c.input.seq_len
-  c.model.dtype = mlc.config_dict.placeholder(str)  # "bfloat16" on accelerators
+  c.model.dtype = mlc.FieldReference(None, field_type=str)  # "bfloat16" on accelerators
 
   cc.add_sharding(c)
   c.optax = cc.adamw(3e-3 if arg.runlocal else 1e-3, warmup_steps=5 if arg.runlocal else 200, b2=0.95)

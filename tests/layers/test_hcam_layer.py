@@ -154,18 +154,13 @@ def _lm_on_mesh():
   model = get_model("lm", vocab_size=64, variant=None, d_model=16, num_heads=2, mixers=["hcam", "sliding_window"],
                     window=3, mixer_options={"hcam": {"chunk_size": 2, "top_k": 2, "max_chunks": 3}})
   tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 64)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
-  specs = nn.get_partition_spec(abstract)["params"]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    mesh_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  return mesh, rules, model, tokens, mesh_shardings
+  return mesh, rules, model, tokens, sharding.param_shardings(model, tokens, mesh=mesh, rules=rules)
 
 
 def test_partition_specs_on_a_2x2x2_mesh():
   # Given an LM with an HCAM layer and the (data=2, fsdp=2, tensor=2) mesh of 8 simulated devices
   _, _, _, _, mesh_shardings = _lm_on_mesh()
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
-          for path, s in jax.tree_util.tree_leaves_with_path(mesh_shardings)}
+  flat = sharding.flat_specs(mesh_shardings)
   # Then every HCAM weight has the spec of its logical axes (heads over tensor, model width over fsdp)
   m = "block_0/mixer/"
   expected = {

@@ -107,12 +107,8 @@ def test_partition_specs_on_a_2x2x2_mesh():
   rules = sharding.rules_for_mesh(sharding.DEFAULT_RULES, mesh)
   layer = Mamba2(**FIELDS)
   x = jnp.zeros((4, 8, 16))
-  abstract = jax.eval_shape(layer.init, jax.random.key(0), x)
-  specs = nn.get_partition_spec(abstract)["params"]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    mesh_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
-          for path, s in jax.tree_util.tree_leaves_with_path(mesh_shardings)}
+  mesh_shardings = sharding.param_shardings(layer, x, mesh=mesh, rules=rules)
+  flat = sharding.flat_specs(mesh_shardings)
   # Then every parameter has its expected spec: d_inner and heads tensor-parallel, d_model over fsdp
   expected = {
       "in_zx": P("fsdp", None, "tensor"), "in_bc": P("fsdp", None, None), "in_dt": P("fsdp", "tensor"),

@@ -171,12 +171,8 @@ def test_partition_specs_on_a_2x2x2_mesh(mixer):
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   rules = sharding.rules_for_mesh(sharding.DEFAULT_RULES, mesh)
   model = get_model("lm", vocab_size=64, variant="tiny", mixers=[mixer], window=4, num_persistent=2)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((4, 8), jnp.int32))
-  specs = nn.get_partition_spec(abstract)["params"]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    mesh_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
-          for path, s in jax.tree_util.tree_leaves_with_path(mesh_shardings)}
+  mesh_shardings = sharding.param_shardings(model, jnp.zeros((4, 8), jnp.int32), mesh=mesh, rules=rules)
+  flat = sharding.flat_specs(mesh_shardings)
   # Then memory heads go on `tensor`, model width on `fsdp`
   mem = "block_0/mixer" if mixer == "titans_lmm" else "block_0/mixer/memory"
   expected = {

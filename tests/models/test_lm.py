@@ -116,12 +116,8 @@ def test_partition_specs_on_a_2x2x2_mesh():
   model = get_model("lm", vocab_size=64, variant="tiny", mixers=["attention", "sliding_window"], window=4,
                     num_persistent=2, tie_embeddings=False)
   tokens = jnp.zeros((4, 8), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
-  specs = nn.get_partition_spec(abstract)["params"]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    mesh_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
-          for path, s in jax.tree_util.tree_leaves_with_path(mesh_shardings)}
+  mesh_shardings = sharding.param_shardings(model, tokens, mesh=mesh, rules=rules)
+  flat = sharding.flat_specs(mesh_shardings)
   expected = {
       "embedding": P("tensor", "fsdp"), "head": P("fsdp", "tensor"), "final_norm/scale": P("fsdp"),
       "block_0/mixer/q": P("fsdp", "tensor", None), "block_0/mixer/k": P("fsdp", "tensor", None),
