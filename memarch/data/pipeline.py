@@ -11,10 +11,14 @@ Tasks (``input_cfg.name``):
   builder), ``seq_len``, ``tokenizer="byte"`` (or a SentencePiece ``.model`` path),
   ``text_key="text"``, ``train_split="train"``, ``eval_split="test"``, ``data_dir``.
   ``split="train"`` reads ``train_split``; any other split name is passed to TFDS.
+* Every other task is a *record task* (``register_task``): fixed-length records of a
+  random-access source (a TFDS array_record builder), read by index like MQAR. Its
+  module documents its fields.
 
 Batches are dicts of numpy arrays for this process only, ``b = global_batch_size //
-process_count`` rows: ``inputs``, ``targets`` (-100 = ignore), ``segment_ids``,
-``positions``, all int32 [b, L].
+process_count`` rows: ``inputs`` (int32 [b, L] token ids, or float32 [b, L, F] features
+when ``TaskInfo.input_features = F``), ``targets`` (-100 = ignore), ``segment_ids``,
+``positions``, all int32 [b, L]; record tasks may add per-row fields (e.g. ``route``).
 
 How the global batch stays the same for any ``process_count``: every process builds
 the same global stream of examples (the same shuffle of record indices, seeded by
@@ -42,7 +46,9 @@ and ``jax.process_count()``, so restore with the same process count)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Callable
 import dataclasses
+import importlib
 import os
 import sys
 from typing import Any
@@ -53,7 +59,6 @@ import numpy as np
 from memarch.data import mqar
 from memarch.data import text
 
-TASKS = ("mqar", "tfds_text")
 _MISSING = object()
 _READ = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
@@ -63,16 +68,63 @@ class TaskInfo:
   """What the training loop needs to know about a task before reading data.
 
   Attributes:
-    name: ``"mqar"`` or ``"tfds_text"``.
-    vocab_size: tokens the task emits (the model vocabulary must be >= this).
+    name: the task name (``input.name``).
+    vocab_size: classes the targets range over, and the token ids the inputs use unless
+      ``input_features`` is set (the model vocabulary must be >= this).
     seq_len: the training sequence length.
     eval_splits: the splits to evaluate on, e.g. ``("test", "test_4x")``.
+    split_seq_lens: ``(split, length)`` pairs for splits whose length is not ``seq_len``
+      (e.g. ``("test_4x", 4 * seq_len)``).
+    input_features: None when ``inputs`` are token ids; F when they are float32 [L, F]
+      feature vectors (the model then embeds them with a linear map).
   """
 
   name: str
   vocab_size: int
   seq_len: int
   eval_splits: tuple[str, ...]
+  split_seq_lens: tuple[tuple[str, int], ...] = ()
+  input_features: int | None = None
+
+  def seq_len_of(self, split: str) -> int:
+    """The sequence length of ``split``."""
+    return dict(self.split_seq_lens).get(split, self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordTask:
+  """A task read by record index from a random-access source (a TFDS array_record builder).
+
+  Attributes:
+    info: ``input_cfg -> TaskInfo``; validates the fields, raising ValueError naming one.
+    source: ``(input_cfg, split, data_dir) -> data source`` with ``len`` and
+      ``__getitems__``; each record is a dict with ``inputs`` ([L] int or [L, F] float),
+      ``targets`` [L] int (-100 = ignore) and optionally ``segment_ids`` [L] (default: one
+      segment) and other fixed-shape fields, which are batched as they are.
+  """
+
+  info: Callable[[Any], TaskInfo]
+  source: Callable[[Any, str, str], Any]
+
+
+_RECORD_TASKS: dict[str, RecordTask] = {}
+
+
+def register_task(name: str, task: RecordTask) -> None:
+  """Makes ``input.name = name`` read records through ``task`` (re-registering replaces)."""
+  _RECORD_TASKS[name] = task
+
+
+def lazy(module: str, attr: str) -> Callable[..., Any]:
+  """A callable that imports ``module`` on first use and calls its ``attr`` (keeps imports light)."""
+  def call(*args):
+    return getattr(importlib.import_module(module), attr)(*args)
+  return call
+
+
+def known_tasks() -> tuple[str, ...]:
+  """Every accepted ``input.name``."""
+  return tuple(sorted({"tfds_text", *_RECORD_TASKS}))
 
 
 def cfg_get(cfg: Any, field: str, default: Any = _MISSING) -> Any:
@@ -102,8 +154,8 @@ def cfg_get(cfg: Any, field: str, default: Any = _MISSING) -> Any:
 
 def _task_name(input_cfg: Any) -> str:
   name = cfg_get(input_cfg, "name")
-  if name not in TASKS:
-    raise ValueError(f"input.name: unknown task {name!r}; known: {', '.join(TASKS)}")
+  if name not in known_tasks():
+    raise ValueError(f"input.name: unknown task {name!r}; known: {', '.join(known_tasks())}")
   return name
 
 
@@ -168,11 +220,8 @@ def get_task_info(input_cfg: Any) -> TaskInfo:
     ValueError: naming the field, e.g. ``"input.name: unknown task 'x'; known: ..."``.
   """
   name = _task_name(input_cfg)
-  if name == "mqar":
-    f = mqar_fields(input_cfg)
-    four_x = f["vocab_size"] > 4 * f["seq_len"]   # MQARConfig.has_test_4x
-    return TaskInfo(name, int(f["vocab_size"]), int(f["seq_len"]),
-                    ("test", "test_4x") if four_x else ("test",))
+  if name in _RECORD_TASKS:
+    return _RECORD_TASKS[name].info(input_cfg)
   cfg_get(input_cfg, "dataset")
   seq_len = cfg_get(input_cfg, "seq_len")
   if int(seq_len) != seq_len or seq_len < 1:
@@ -249,27 +298,63 @@ def _check_batching(global_batch_size: int, process_index: int, process_count: i
     raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
 
 
-class _ReadMQARBatch:
-  """Reads a batch of record indices (-1 = padding row) with one source call."""
+class _ReadRecordBatch:
+  """Reads a batch of record indices (-1 = padding row) with one source call.
+
+  Fields other than ``inputs`` / ``targets`` / ``segment_ids`` are stacked as they are;
+  ``positions`` count from 0 at each segment start. Padding rows are zeros with targets
+  -100 and segment 0; their shapes come from record 0, read once.
+  """
 
   def __init__(self, source: Any, seq_len: int):
     self._source = source
     self._seq_len = seq_len
+    self._template = None
+
+  def _pad_row(self) -> dict[str, np.ndarray]:
+    if self._template is None:
+      first = self._source.__getitems__([0])[0]
+      self._template = {k: np.zeros_like(np.asarray(v)) for k, v in first.items()}
+      self._template["targets"] = np.full_like(self._template["targets"], mqar.IGNORE)
+    return self._template
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    shape = (len(indices), self._seq_len)
-    inputs = np.zeros(shape, np.int32)
-    targets = np.full(shape, mqar.IGNORE, np.int32)
-    segment_ids = np.zeros(shape, np.int32)
-    real = np.flatnonzero(indices >= 0)
-    if real.size:
-      records = self._source.__getitems__([int(i) for i in indices[real]])
-      inputs[real] = np.stack([r["inputs"] for r in records])
-      targets[real] = np.stack([r["targets"] for r in records])
-      segment_ids[real] = 1
-    positions = np.broadcast_to(np.arange(self._seq_len, dtype=np.int32), shape)
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-            "positions": np.where(segment_ids > 0, positions, 0).astype(np.int32)}
+    real = indices >= 0
+    records = self._source.__getitems__([int(i) for i in indices[real]]) if real.any() else []
+    it = iter(records)
+    rows = [{k: np.asarray(v) for k, v in next(it).items()} if r else self._pad_row() for r in real]
+    out = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    for key in ("inputs", "targets"):
+      if out[key].shape[1] != self._seq_len:
+        raise ValueError(f"record field {key!r} has length {out[key].shape[1]}, expected {self._seq_len}")
+    out["targets"] = out["targets"].astype(np.int32)
+    if np.issubdtype(out["inputs"].dtype, np.integer):
+      out["inputs"] = out["inputs"].astype(np.int32)
+    else:
+      out["inputs"] = out["inputs"].astype(np.float32)
+    seg = out.get("segment_ids")
+    seg = np.ones(out["targets"].shape, np.int32) if seg is None else seg.astype(np.int32)
+    seg = np.where(real[:, None], seg, 0).astype(np.int32)
+    out["segment_ids"] = seg
+    out["positions"] = _segment_positions(seg)
+    return out
+
+
+def _segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+  """0, 1, 2, ... restarting wherever the segment id changes; 0 on padding (segment 0)."""
+  t = np.arange(segment_ids.shape[1])
+  starts = np.ones_like(segment_ids, bool)
+  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+  start_index = np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+  return np.where(segment_ids > 0, t - start_index, 0).astype(np.int32)
+
+
+def _mqar_info(input_cfg: Any) -> TaskInfo:
+  f = mqar_fields(input_cfg)
+  four_x = f["vocab_size"] > 4 * f["seq_len"]   # MQARConfig.has_test_4x
+  return TaskInfo("mqar", int(f["vocab_size"]), int(f["seq_len"]),
+                  ("test", "test_4x") if four_x else ("test",),
+                  (("test_4x", 4 * int(f["seq_len"])),) if four_x else ())
 
 
 def _mqar_source(input_cfg: Any, split: str, data_dir: str):
@@ -279,8 +364,10 @@ def _mqar_source(input_cfg: Any, split: str, data_dir: str):
   if split not in config.split_names:
     raise ValueError(f"split: {split!r} not in {config.split_names} for MQAR "
                      f"config {config.name}")
-  seq_len = config.seq_len * (4 if split == "test_4x" else 1)
-  return mqar_tfds.prepare(config, data_dir).as_data_source(split), seq_len
+  return mqar_tfds.prepare(config, data_dir).as_data_source(split)
+
+
+register_task("mqar", RecordTask(_mqar_info, _mqar_source))
 
 
 def _text_source(input_cfg: Any, split: str, data_dir: str):
@@ -327,17 +414,17 @@ def build_iterator(
       empty rows instead (targets -100).
 
   Returns:
-    A ``grain.DatasetIterator`` of dicts ``inputs, targets, segment_ids, positions``,
-    int32 [B // process_count, seq_len].
+    A ``grain.DatasetIterator`` of dicts ``inputs, targets, segment_ids, positions``
+    (see the module docstring), [B // process_count, seq_len, ...].
   """
   name = _task_name(input_cfg)
   info = get_task_info(input_cfg)
   _check_batching(global_batch_size, process_index, process_count)
   data_dir = resolve_data_dir(data_dir, input_cfg)
   local = global_batch_size // process_count
-  if name == "mqar":
+  if name in _RECORD_TASKS:
     # Shuffle and shard record indices, then read each local batch in one call.
-    source, seq_len = _mqar_source(input_cfg, split, data_dir)
+    source = _RECORD_TASKS[name].source(input_cfg, split, data_dir)
     ds = grain.MapDataset.range(len(source))
     if shuffle:
       ds = ds.shuffle(seed=seed)
@@ -345,7 +432,7 @@ def build_iterator(
         ds.repeat(num_epochs), global_batch_size=global_batch_size,
         process_index=process_index, process_count=process_count,
         drop_remainder=drop_remainder, pad=-1)
-    ds = ds.batch(local, drop_remainder=True).map(_ReadMQARBatch(source, seq_len))
+    ds = ds.batch(local, drop_remainder=True).map(_ReadRecordBatch(source, info.seq_len_of(split)))
     return iter(ds.to_iter_dataset(_READ))
 
   tokenizer = text.make_tokenizer(cfg_get(input_cfg, "tokenizer", "byte"))

@@ -97,11 +97,14 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
       except ValueError as e:
         errors.append(f"input.seq_len={seq_len}: {e}")
       else:
-        if "test_4x" in info.eval_splits:  # the length-generalisation split runs 4x longer sequences
+        for split in info.eval_splits:  # e.g. length-generalisation splits run longer sequences
+          length = info.seq_len_of(split)
+          if length == seq_len:
+            continue
           try:
-            model.validate(4 * seq_len)
+            model.validate(length)
           except ValueError as e:
-            errors.append(f"input.seq_len={seq_len}: the test_4x eval split has length {4 * seq_len}: {e}")
+            errors.append(f"input.seq_len={seq_len}: the {split} eval split has length {length}: {e}")
     vocab = config.model.get("vocab_size")
     if not isinstance(vocab, int) or vocab < info.vocab_size:
       errors.append(f"model.vocab_size={vocab!r} is too small for task {info.name!r}, which needs "

@@ -135,7 +135,8 @@ def test_config_kinds_and_env(data_dir, monkeypatch):
 
 def test_task_info():
   info = data.get_task_info(MQAR_CFG)
-  assert info == data.TaskInfo("mqar", 256, 32, ("test", "test_4x"))
+  assert info == data.TaskInfo("mqar", 256, 32, ("test", "test_4x"), (("test_4x", 128),))
+  assert (info.seq_len_of("test"), info.seq_len_of("test_4x")) == (32, 128)
   small_vocab = dict(MQAR_CFG, vocab_size=100)
   assert data.get_task_info(small_vocab).eval_splits == ("test",)
   std = data.get_task_info(dict(name="mqar", builder_config="L256_kv16"))
@@ -145,7 +146,7 @@ def test_task_info():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (dict(name="x"), r"^input\.name: unknown task 'x'; known: mqar, tfds_text"),
+    (dict(name="x"), r"^input\.name: unknown task 'x'; known: .*mqar, .*tfds_text"),
     (dict(name="mqar", seq_len=32, vocab_size=256), r"^input\.num_kv_pairs: required"),
     (dict(MQAR_CFG, num_kv_pairs=9), r"^input\.num_kv_pairs:"),
     (dict(MQAR_CFG, seq_len=31), r"^input\.seq_len:"),
@@ -177,3 +178,39 @@ def test_cfg_get():
   assert pipeline.cfg_get(ml_collections.ConfigDict({"a": 1}), "b", 2) == 2
   with pytest.raises(ValueError, match=r"^input\.b: required"):
     pipeline.cfg_get(types.SimpleNamespace(a=1), "b")
+
+
+class _ToySource:
+  """An in-memory random-access source: 10 records of 6 float feature frames, 2 segments each, and a route."""
+
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    self.records = [dict(inputs=rng.normal(size=(6, 3)).astype(np.float32),
+                         targets=np.array([-100] * 5 + [i % 4]), segment_ids=np.array([1, 1, 1, 2, 2, 2]),
+                         route=np.array([i, 10 + i])) for i in range(10)]
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitems__(self, indices):
+    return [self.records[i] for i in indices]
+
+
+def test_registered_record_task_with_features_segments_and_extra_fields():
+  info = data.TaskInfo("toy", vocab_size=4, seq_len=6, eval_splits=("test",), input_features=3)
+  data.register_task("toy_features", data.RecordTask(info=lambda cfg: info, source=lambda cfg, split, d: _ToySource()))
+  cfg = dict(name="toy_features")
+  assert data.get_task_info(cfg) is info and "toy_features" in pipeline.known_tasks()
+  it = data.build_iterator(cfg, split="test", seed=0, global_batch_size=4, shuffle=False, num_epochs=1,
+                           drop_remainder=False, process_index=1, process_count=2, data_dir="unused")
+  batches = list(it)
+  assert len(batches) == 3  # 10 records in global batches of 4, the last padded
+  first = batches[0]
+  assert first["inputs"].shape == (2, 6, 3) and first["inputs"].dtype == np.float32
+  np.testing.assert_array_equal(first["inputs"][0], _ToySource().records[2]["inputs"])  # process 1: rows 2, 3
+  np.testing.assert_array_equal(first["route"], [[2, 12], [3, 13]])
+  np.testing.assert_array_equal(first["positions"][0], [0, 1, 2, 0, 1, 2])
+  last = batches[-1]  # global rows 8, 9 (process 0) and two padding rows (process 1)
+  np.testing.assert_array_equal(last["segment_ids"], 0)
+  np.testing.assert_array_equal(last["targets"], -100)
+  np.testing.assert_array_equal(last["inputs"], 0)
