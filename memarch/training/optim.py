@@ -78,6 +78,48 @@ def scale_by_multipliers(rules: Sequence[tuple[str, float]]) -> optax.GradientTr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def lazy_rows(inner: optax.GradientTransformation, patterns: Sequence[str]) -> optax.GradientTransformation:
+  """Lazy row updates for memory banks (spec hmem.md §2 ``bank_adam="lazy"``): rows not fetched stay untouched.
+
+  For every parameter whose path matches a regex of ``patterns``, a row (index along axis 0) whose gradient is
+  exactly zero this step (it was not fetched) gets a zero update, and every optimizer-state leaf of ``inner`` shaped
+  like the parameters (Adam's moments) keeps its old value on that row, so neither momentum nor weight decay moves
+  an unfetched block. Other parameters are updated by ``inner`` as usual.
+
+  Args:
+    inner: the transformation to wrap (e.g. Adam -> weight decay -> -lr -> multipliers).
+    patterns: path regexes (``re.search`` on '/'-joined paths) of row-lazy parameters.
+
+  Returns:
+    The wrapped transformation (same state as ``inner``).
+  """
+  compiled = [re.compile(p) for p in patterns]
+
+  def update_fn(updates, state, params=None):
+    paths = param_paths(updates)
+    treedef = jax.tree.structure(updates)
+    def row_mask(path, g):
+      if jnp.ndim(g) == 0 or not any(r.search(path) for r in compiled):
+        return jnp.ones((), bool)
+      return jnp.any(g != 0, axis=tuple(range(1, g.ndim))).reshape((-1,) + (1,) * (g.ndim - 1))
+    masks = jax.tree.map(row_mask, paths, updates)
+    new_updates, new_state = inner.update(updates, state, params)
+    new_updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), new_updates, masks)
+    def keep(new, old):  # restore unfetched rows of every params-shaped subtree of the state
+      if jax.tree.structure(new) == treedef and all(
+          jnp.shape(a) == jnp.shape(b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(updates))):
+        return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new, old, masks)
+      if isinstance(new, (tuple, list)) and type(new) is type(old) and len(new) == len(old):
+        items = [keep(n, o) for n, o in zip(new, old)]
+        return type(new)(*items) if hasattr(new, "_fields") else type(new)(items)
+      if isinstance(new, dict) and isinstance(old, dict) and new.keys() == old.keys():
+        return type(new)({k: keep(new[k], old[k]) for k in new})
+      return new
+    return new_updates, keep(new_state, state)
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def make_schedule(cfg: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio`` at ``total_steps``.
 
@@ -102,7 +144,8 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
 
   Args:
     cfg: ``config.optax``: name ("adamw"), lr, b1, b2, eps, wd, warmup_steps, min_lr_ratio, clip,
-      lr_multipliers, wd_exclude.
+      lr_multipliers, wd_exclude, lazy_rows (path regexes of memory banks updated only on fetched rows, see
+      :func:`lazy_rows`).
     total_steps: the length of the run (for the cosine decay).
 
   Returns:
@@ -123,4 +166,8 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
   rules = [tuple(r) for r in (cfg.get("lr_multipliers", ()) or ())]
   if rules:
     parts.append(scale_by_multipliers(rules))
+  lazy = tuple(cfg.get("lazy_rows", ()) or ())
+  if lazy:  # everything after clipping sees the raw zero rows of unfetched bank blocks
+    clip = parts[:1] if cfg.get("clip") else []
+    parts = [*clip, lazy_rows(optax.chain(*parts[len(clip):]), lazy)]
   return optax.chain(*parts), schedule
