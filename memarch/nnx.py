@@ -23,6 +23,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 from memarch.layers import attention as _attention
+from memarch.layers import bmojo as _bmojo
 from memarch.layers import common as _common
 from memarch.layers import hcam as _hcam
 from memarch.layers import mamba2 as _mamba2
@@ -75,6 +76,8 @@ TitansMAC = _factory(_titans.TitansMAC)
 TitansMAG = _factory(_titans.TitansMAG)
 TitansMAL = _factory(_titans.TitansMAL)
 HCAMBlock = _factory(_hcam.HCAMBlock)
+BMojoF = _factory(_bmojo.BMojoF)
+BMojo = _factory(_bmojo.BMojo)
 LM = _factory(_lm.Model)
 
 PUBLIC_LAYERS = {
@@ -88,5 +91,7 @@ PUBLIC_LAYERS = {
     "TitansMAG": (TitansMAG, _titans.TitansMAG),
     "TitansMAL": (TitansMAL, _titans.TitansMAL),
     "HCAMBlock": (HCAMBlock, _hcam.HCAMBlock),
+    "BMojoF": (BMojoF, _bmojo.BMojoF),
+    "BMojo": (BMojo, _bmojo.BMojo),
     "LM": (LM, _lm.Model),
 }

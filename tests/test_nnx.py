@@ -22,6 +22,9 @@ CASES = {
     "TitansMAG": (dict(num_heads=2, window=3, num_persistent=2, d_model=16), (X,)),
     "TitansMAL": (dict(num_heads=2, window=3, d_model=16), (X,)),
     "HCAMBlock": (dict(num_heads=2, chunk_size=2, top_k=2, max_chunks=4, d_model=16), (X,)),
+    "BMojoF": (dict(num_heads=2, window=2, d_model=16, d_state=8, ssm_head_dim=8, ssm_chunk_size=4), (X,)),
+    "BMojo": (dict(num_heads=2, window=2, k_sel=1, memory_size=2, d_model=16, d_state=8, ssm_head_dim=8,
+                   ssm_chunk_size=4), (X,)),
     "LM": (dict(vocab_size=11, variant="tiny", mixers=("attention", "sliding_window"), window=2, max_len=16),
            (TOKENS,)),
 }

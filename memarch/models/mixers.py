@@ -234,3 +234,63 @@ def _hcam() -> MixerSpec:
 
 
 register_mixer("hcam", _hcam())
+
+
+# B'MOJO (spec bmojo.md §3, §4): "bmojo_f" is sliding-window attention over [t-W+1, t] plus W keys / values derived
+# from a Mamba-2 output at [t-2W+1, t-W] in one softmax; "bmojo" adds the innovation-selected eidetic store. The
+# window is ``mixer_options[name]["window"]``, else ``model.window``.
+_BMOJO_F_OPTIONS = ("window", "tie_attn_weights", "d_state", "expand", "ssm_head_dim", "conv_width",
+                    "ssm_chunk_size")
+_BMOJO_OPTIONS = _BMOJO_F_OPTIONS + ("chunk_size", "k_sel", "memory_size", "innovation_dim", "innovation_seed",
+                                     "aux_weight", "aux_grad_to_ssm")
+
+
+def _bmojo(name: str) -> MixerSpec:
+  options = _BMOJO_OPTIONS if name == "bmojo" else _BMOJO_F_OPTIONS
+
+  def kwargs(cfg: "LMConfig") -> dict[str, Any]:
+    opts = cfg.options(name)
+    unknown = sorted(set(opts) - set(options))
+    if unknown:
+      raise ValueError(f"model.mixer_options[{name!r}]: unknown option(s) {unknown}; known: {list(options)}")
+    opts.setdefault("window", cfg.window)
+    if opts["window"] is None:
+      raise ValueError(f"model.window: the {name!r} mixer needs model.window (or mixer_options[{name!r}]['window'])")
+    return opts
+
+  def build(cfg: "LMConfig", layer_index: int, **module_kwargs):
+    del layer_index
+    from memarch.layers import bmojo  # lazy: keeps the registry import-cycle free
+    cls = bmojo.BMojo if name == "bmojo" else bmojo.BMojoF
+    return cls(**module_kwargs, num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
+               d_model=cfg.d_model, rope_max_wavelength=cfg.rope_max_wavelength, **kwargs(cfg), dtype=cfg.dtype,
+               param_dtype=cfg.param_dtype, state_dtype=cfg.state_dtype)
+
+  def extra_flops(cfg: "LMConfig", seq_len: int) -> float:
+    # Per token, x3 for fwd + bwd: scores and weighted sum (4 H e per visible key) over the window, the fading
+    # span and the store (chunks already written, capped at M), averaged over the sequence; the Mamba-2 SSD and
+    # conv as for "mamba2"; for B'MOJO the innovation probe (2 d d_e) and its target projection.
+    m = build(cfg, 0, parent=None)
+    w, (c, k_sel, mem) = m.window, m.store_config()
+    visible = sum(min(i + 1, w) + min(max(i - w + 1, 0), w) + min(max(i // c - 1, 0) * k_sel, mem)
+                  for i in range(seq_len)) / seq_len
+    ssm = m._ssm(parent=None)
+    _, heads, head_dim, channels = ssm.dims()
+    q = min(ssm.chunk_size, seq_len)
+    ssd = 2 * ssm.num_groups * q * ssm.d_state + heads * (2 * q * head_dim + 4 * head_dim * ssm.d_state)
+    d_e = getattr(m, "innovation_dim", None) or cfg.d_model
+    innovation = 4 * cfg.d_model * d_e if mem else 0
+    return 3 * (4 * cfg.num_heads * cfg.head_dim * visible + ssd + 2 * ssm.conv_width * channels + innovation)
+
+  def validate(cfg: "LMConfig", seq_len: int) -> None:
+    del seq_len
+    try:
+      build(cfg, 0, parent=None).check()
+    except ValueError as e:
+      raise ValueError(f"model.mixer_options[{name!r}]: {e}") from None
+
+  return MixerSpec(build, extra_flops, validate)
+
+
+for _name in ("bmojo_f", "bmojo"):
+  register_mixer(_name, _bmojo(_name))

@@ -1,0 +1,34 @@
+r"""A 2-layer B'MOJO LM on MQAR: B'MOJO-F plus the innovation-selected eidetic store (spec bmojo.md §4).
+
+python train.py --config configs/mqar/bmojo.py --workdir $WORKDIR
+python train.py --config configs/mqar/bmojo.py:runlocal --workdir $WORKDIR
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common as cc
+from configs.mqar import bmojo_f
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """Returns the MQAR B'MOJO config: the B'MOJO-F config with the eidetic store switched on.
+
+  Args:
+    arg: ``runlocal`` for a run of about a minute on 2 CPU cores.
+
+  Returns:
+    The experiment ConfigDict.
+  """
+  arg = cc.parse_arg(arg, runlocal=False)
+  # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
+  c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
+  c.model.mixers = ("bmojo", "bmojo")
+  opts = dict(dict(c.model.mixer_options)["bmojo_f"])
+  # Chunks of C = W = 8 tokens write k_sel = 4 entries each (half the chunk). The FIFO bound keeps whole chunks,
+  # so M = 32 keeps the last 8 chunks = 64 tokens: the 2 kv = 16 context tokens stay readable by every query of
+  # L = 64, and M = 32 >= 2 kv as spec §4.11 asks.
+  opts.update(chunk_size=8, k_sel=4, memory_size=32, aux_weight=0.1)
+  c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)
+  return c

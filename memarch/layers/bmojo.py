@@ -1,0 +1,298 @@
+"""B'MOJO-F and B'MOJO (Zancato et al., 2024) as memarch sequence mixers: SWA + Mamba-2 + an eidetic store.
+
+One layer holds three memories (spec ``bmojo.md`` §2-§4)::
+
+    s        = Mamba2(x)                                  fading memory, full width (after its out_proj)
+    q, k, v  = x W_q, x W_k, x W_v                        in-context: the W most recent tokens
+    q̃, k̃, ṽ = x W_q', s W_k', s W_v'                     fading keys at [t-2W+1, t-W]  (W' = W when tied)
+    store    = innovation-selected past tokens            long-term eidetic memory (B'MOJO only)
+    y_t      = softmax over all of them, one softmax  ·  W_o      the SSM output only supplies keys / values
+
+:class:`BMojoF` is hybrid-model-factory's B'MOJO-F [hmf]: window + SSM-derived keys, tied weights by default, RoPE
+at absolute positions on both paths. :class:`BMojo` adds the eidetic store of spec §4, which is **our design**
+(the paper's store was never released; only "innovation-selected, bounded, causal, asynchronous" is confirmed):
+
+  * innovation ``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` with ``P_u`` fixed (the identity, or a fixed random
+    projection to ``innovation_dim``) and the probe ``P_s`` trained by ``L_aux = aux_weight · mean_t e_t``;
+  * per chunk of ``C`` tokens of one document the ``k_sel`` highest scores are written, visible from the next
+    chunk on; a FIFO of the last ``M / k_sel`` chunks bounds the store at ``M`` entries; entries still in the
+    window are masked;
+  * the auxiliary loss reaches the probe without a second output: its gradient is injected through ``W_o``
+    (:func:`memarch.ops.bmojo.add_aux_gradient`), i.e. training minimises ``loss + L_aux``.
+
+The state is bounded whatever the sequence length: the Mamba-2 state (conv tail + SSM), the last ``W − 1``
+in-context and ``2W − 1`` fading keys / values, the ``C − 1`` candidates of the unfinished chunk, the ``M`` store
+entries and the last SSM output (B'MOJO). One call is the block-banded form; ``t == 1`` is the step form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memarch.layers.common import DType, as_dtype, variance_scaling
+from memarch.layers.mamba2 import Mamba2, Mamba2State
+from memarch.ops import attention as attn_ops
+from memarch.ops import bmojo as bmojo_ops
+from memarch.typing import Array
+
+
+class BMojoState(NamedTuple):
+  """Recurrent state of one B'MOJO(-F) layer, batch-leading, float32 by default.
+
+  Attributes:
+    ssm: the Mamba-2 state (conv tail and SSM state).
+    memory: window, fading and eidetic-store keys / values with their positions (:class:`BMojoMemory`).
+    s_last: [b, d_model] SSM output of the last token, whose probe output predicts the next token (B'MOJO);
+      [b, 0] for B'MOJO-F.
+  """
+  ssm: Mamba2State
+  memory: bmojo_ops.BMojoMemory
+  s_last: Array
+
+
+class BMojoF(nn.Module):
+  """B'MOJO-F [hmf]: one softmax over the W most recent tokens and W keys / values derived from a Mamba-2 output.
+
+  Attributes:
+    num_heads: query heads.
+    window: ``W``: in-context span; the fading span is ``[t − 2W + 1, t − W]``.
+    head_dim: per-head width (default ``d_model // num_heads``).
+    num_kv_heads: key / value heads (default ``num_heads``; fewer gives GQA).
+    d_model: model width (needed by ``init_state`` / ``state_size`` on an unbound module).
+    tie_attn_weights: use ``W_q, W_k, W_v`` for the fading path too (hmf's default); False adds ``q_fade``,
+      ``k_fade``, ``v_fade``.
+    d_state: Mamba-2 state width ``N``.
+    expand: Mamba-2 ``d_inner = expand · d_model``.
+    ssm_head_dim: Mamba-2 head width ``P`` (None: ``min(64, d_inner)``).
+    conv_width: Mamba-2 causal conv taps.
+    ssm_chunk_size: chunk length of the chunked SSD form.
+    use_rope: rotate queries and keys by their absolute positions (both paths).
+    rope_max_wavelength: RoPE base.
+    w_init_variance_scale: variance multiplier of the q / k / v projections' initialiser.
+    dtype: computation dtype (None: promoted input dtype).
+    param_dtype: parameter dtype.
+    state_dtype: dtype of the carried state (float32 by default).
+  """
+  num_heads: int
+  window: int
+  head_dim: int | None = None
+  num_kv_heads: int | None = None
+  d_model: int | None = None
+  tie_attn_weights: bool = True
+  d_state: int = 64
+  expand: int = 2
+  ssm_head_dim: int | None = None
+  conv_width: int = 4
+  ssm_chunk_size: int = 64
+  use_rope: bool = True
+  rope_max_wavelength: float = 10_000.0
+  w_init_variance_scale: float = 1.0
+  dtype: DType = None
+  param_dtype: DType = jnp.float32
+  state_dtype: DType = jnp.float32
+
+  # -- configuration -------------------------------------------------------------------------------------------
+
+  def store_config(self) -> tuple[int, int, int]:
+    """``(chunk_size, k_sel, memory_size)`` of the eidetic store; ``memory_size == 0``: none (B'MOJO-F)."""
+    return max(self.window, 1), 1, 0
+
+  def dims(self, d_model: int | None = None) -> tuple[int, int, int]:
+    """``(num_heads, num_kv_heads, head_dim)``, validating the fields.
+
+    Args:
+      d_model: model width (None: the ``d_model`` field).
+
+    Returns:
+      The attention head counts and width.
+
+    Raises:
+      ValueError: naming the field that makes the shapes inconsistent.
+    """
+    d_model = d_model or self.d_model
+    head_dim = self.head_dim
+    if head_dim is None:
+      if d_model is None:
+        raise ValueError(f"{type(self).__name__}: set head_dim or d_model to build the state of an unbound module")
+      head_dim = d_model // self.num_heads
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      raise ValueError(f"{type(self).__name__}: num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
+    if self.use_rope and head_dim % 2:
+      raise ValueError(f"{type(self).__name__}: head_dim={head_dim} must be even for RoPE")
+    bmojo_ops.check_config(self.window, *self.store_config())
+    return self.num_heads, kv, head_dim
+
+  def check(self, d_model: int | None = None) -> None:
+    """Raises a ValueError naming the field when the layer cannot be built for width ``d_model``."""
+    d_model = d_model or self.d_model
+    self.dims(d_model)
+    self._ssm(parent=None).dims(d_model)
+
+  def _ssm(self, **kwargs) -> Mamba2:
+    return Mamba2(d_model=self.d_model, d_state=self.d_state, expand=self.expand, head_dim=self.ssm_head_dim,
+                  conv_width=self.conv_width, chunk_size=self.ssm_chunk_size, dtype=self.dtype,
+                  param_dtype=self.param_dtype, state_dtype=self.state_dtype, **kwargs)
+
+  def init_state(self, batch_size: int, d_model: int | None = None) -> BMojoState:
+    """The state before the first token: empty window, fading and store slots, zero SSM state.
+
+    Args:
+      batch_size: number of sequences.
+      d_model: model width (None: the ``d_model`` field).
+
+    Returns:
+      A :class:`BMojoState`.
+    """
+    d_model = d_model or self.d_model
+    _, kv, e = self.dims(d_model)
+    if d_model is None:
+      raise ValueError(f"{type(self).__name__}: set d_model to build the state of an unbound module")
+    c, k_sel, m = self.store_config()
+    sd = as_dtype(self.state_dtype)
+    memory = bmojo_ops.init_memory(batch_size, window=self.window, chunk_size=c, k_sel=k_sel, memory_size=m,
+                                   kv_heads=kv, head_dim=e, dtype=sd)
+    ssm = self._ssm(parent=None).init_state(batch_size, d_model)
+    return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if m else 0), sd))
+
+  def state_size(self, d_model: int | None = None) -> int:
+    """Floats of state per sequence: the Mamba-2 state, ``(3W − 2) · 2 · kv_heads · head_dim`` window and fading
+    keys / values, and for B'MOJO ``(M + C − 1)`` store / candidate keys, values and scores plus ``d_model``."""
+    d_model = d_model or self.d_model
+    _, kv, e = self.dims(d_model)
+    c, _, m = self.store_config()
+    n = self._ssm(parent=None).state_size(d_model) + (3 * self.window - 2) * 2 * kv * e
+    if m:
+      n += (m + c - 1) * (2 * kv * e + 1) + d_model
+    return n
+
+  # -- forward -------------------------------------------------------------------------------------------------
+
+  def _proj(self, name: str, d: int, heads: int, e: int) -> Array:
+    init_in = variance_scaling(self.w_init_variance_scale, in_axis=0, out_axis=(1, 2))
+    return self.param(name, nn.with_logical_partitioning(init_in, ("embed", "heads", "kv")), (d, heads, e),
+                      as_dtype(self.param_dtype))
+
+  def _rope(self, z: Array, positions: Array) -> Array:
+    return attn_ops.rope(z, positions, max_wavelength=self.rope_max_wavelength) if self.use_rope else z
+
+  def _innovation(self, x: Array, s: Array, state: BMojoState, segment_ids: Array):
+    """Scores and the auxiliary loss; B'MOJO-F has neither."""
+    del x, s, state, segment_ids
+    return None, None
+
+  @nn.compact
+  def __call__(self, x: Array, *, segment_ids: Array | None = None,
+               state: BMojoState | None = None) -> tuple[Array, BMojoState]:
+    """Runs the layer over ``x`` from ``state``.
+
+    Args:
+      x: [b, t, d] inputs.
+      segment_ids: [b, t] document ids (None: one document).
+      state: state from a previous call (None: :meth:`init_state`).
+
+    Returns:
+      ``(y, new_state)``: output [b, t, d] and the state after the last token.
+    """
+    b, t, d = x.shape
+    h, kv, e = self.dims(d)
+    c, k_sel, _ = self.store_config()
+    dtype = as_dtype(self.dtype)
+    fresh = state is None
+    if fresh:
+      state = self.init_state(b, d)
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    s, ssm_state = self._ssm(name="ssm")(x, segment_ids=segment_ids, state=state.ssm)
+    wq, wk, wv = self._proj("q", d, h, e), self._proj("k", d, kv, e), self._proj("v", d, kv, e)
+    wo = self.param("o", nn.with_logical_partitioning(
+        variance_scaling(1.0, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")), (h, e, d),
+        as_dtype(self.param_dtype))
+    fade_w = () if self.tie_attn_weights else (
+        self._proj("q_fade", d, h, e), self._proj("k_fade", d, kv, e), self._proj("v_fade", d, kv, e))
+    x_c, s_c, wq, wk, wv, *fade_w = nn.dtypes.promote_dtype(x, s, wq, wk, wv, *fade_w, dtype=dtype)
+    wqf, wkf, wvf = fade_w if fade_w else (None, wk, wv)
+
+    positions = state.memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    q = self._rope(jnp.einsum("btd,dhe->bthe", x_c, wq), positions)
+    k = self._rope(jnp.einsum("btd,dhe->bthe", x_c, wk), positions)
+    v = jnp.einsum("btd,dhe->bthe", x_c, wv)
+    k_fade = self._rope(jnp.einsum("btd,dhe->bthe", s_c, wkf), positions)
+    v_fade = jnp.einsum("btd,dhe->bthe", s_c, wvf)
+    q_fade = None if wqf is None else self._rope(jnp.einsum("btd,dhe->bthe", x_c, wqf), positions)
+
+    score, aux_loss = self._innovation(x, s, state, seg)
+    out, memory = bmojo_ops.bmojo_attention(
+        q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
+        chunk_size=c, k_sel=k_sel, fresh=fresh)
+    if aux_loss is not None:
+      wo = bmojo_ops.add_aux_gradient(wo, aux_loss)
+    (wo,) = nn.dtypes.promote_dtype(wo, dtype=dtype)
+    y = jnp.einsum("bthe,hed->btd", out.astype(wo.dtype), wo)
+    sd = as_dtype(self.state_dtype)
+    s_last = s[:, -1].astype(sd) if state.s_last.shape[-1] else state.s_last
+    return y.astype(dtype or x.dtype), BMojoState(ssm_state, memory, s_last)
+
+
+def _fixed_projection(d: int, d_e: int | None, seed: int) -> Array | None:
+  """``P_u``: None (identity) or a fixed, non-trainable random ``[d, d_e]`` projection (spec §4.1)."""
+  if d_e is None:
+    return None
+  return jax.random.normal(jax.random.key(seed), (d, d_e), jnp.float32) / math.sqrt(d)
+
+
+class BMojo(BMojoF):
+  """Full B'MOJO: B'MOJO-F plus the innovation-selected eidetic store (spec §4, our design; see the module doc).
+
+  Attributes:
+    chunk_size: selection chunk ``C`` (None: ``window``).
+    k_sel: entries written per complete chunk (None: ``min(4, C)``); ``1 <= k_sel <= C``.
+    memory_size: store bound ``M`` (None: ``16 · k_sel``); a multiple of ``k_sel``.
+    innovation_dim: width ``d_e`` of the innovation test (None: ``d_model`` with ``P_u`` the identity; else a
+      fixed random projection).
+    innovation_seed: seed of the fixed random ``P_u``.
+    aux_weight: ``λ_aux`` of ``L_aux = λ_aux · mean_t e_t``, which trains the probe ``P_s``; 0 leaves it at init.
+    aux_grad_to_ssm: let ``L_aux`` also train the SSM (s is then not stop-gradiented in ``L_aux``). Forward-mode
+      Jacobians with respect to the inputs need False.
+  """
+  chunk_size: int | None = None
+  k_sel: int | None = None
+  memory_size: int | None = None
+  innovation_dim: int | None = None
+  innovation_seed: int = 0
+  aux_weight: float = 0.1
+  aux_grad_to_ssm: bool = False
+
+  def store_config(self) -> tuple[int, int, int]:
+    """``(C, k_sel, M)`` with the defaults resolved (``C = W``, ``k_sel = min(4, C)``, ``M = 16 k_sel``)."""
+    c = self.window if self.chunk_size is None else self.chunk_size
+    k_sel = min(4, c) if self.k_sel is None else self.k_sel
+    m = 16 * k_sel if self.memory_size is None else self.memory_size
+    if m < 1:
+      raise ValueError(f"BMojo: memory_size={m} must be >= 1 (use BMojoF for no store)")
+    return c, k_sel, m
+
+  def _innovation(self, x: Array, s: Array, state: BMojoState, segment_ids: Array):
+    """``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` (stop-gradient scores) and ``L_aux`` (spec §4.1)."""
+    d = x.shape[-1]
+    d_e = self.innovation_dim or d
+    probe = self.param("innovation_probe", nn.with_logical_partitioning(
+        variance_scaling(1.0, in_axis=0, out_axis=1), ("embed", None)), (d, d_e), as_dtype(self.param_dtype))
+    probe = probe.astype(jnp.float32)
+    x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
+    mu = jnp.mean(x32, axis=-1, keepdims=True)
+    xn = (x32 - mu) * jax.lax.rsqrt(jnp.mean((x32 - mu) ** 2, axis=-1, keepdims=True) + 1e-5)
+    p_u = _fixed_projection(d, self.innovation_dim, self.innovation_seed)
+    target = xn if p_u is None else xn @ p_u
+    s32, s_prev = s.astype(jnp.float32), state.s_last.astype(jnp.float32)
+    if not self.aux_grad_to_ssm:
+      s32, s_prev = jax.lax.stop_gradient(s32), jax.lax.stop_gradient(s_prev)
+    _, starts = bmojo_ops.document_offsets(segment_ids, state.memory.last_segment, state.memory.offset)
+    e = bmojo_ops.innovation_score(target, s32 @ probe, s_prev @ probe, starts)
+    aux = self.aux_weight * jnp.mean(e) if self.aux_weight else None
+    return jax.lax.stop_gradient(e), aux

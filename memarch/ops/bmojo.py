@@ -1,0 +1,463 @@
+"""B'MOJO attention: sliding window + SSM-derived "fading" keys + an innovation-selected eidetic store (pure JAX).
+
+B'MOJO (Zancato et al., 2024, arXiv 2407.06324) reads, with **one softmax**, three sets of keys (spec ``bmojo.md``
+§3, §4)::
+
+    score(t, j) = q_t · k_j / √e       j ∈ [t−W+1, t]          in-context: the W most recent tokens
+                = q̃_t · k̃_j / √e      j ∈ [t−2W+1, t−W]       fading: K/V projected from the SSM output s_j
+                = q_t · k_i / √e       i ∈ store(t)            eidetic: innovation-selected past tokens
+    o_t = Σ softmax(score(t, ·)) · (v_j | ṽ_j | v_i)
+
+With the store empty (``memory_size == 0``) this is **B'MOJO-F** exactly as hybrid-model-factory implements it
+[hmf]: the single softmax equals hmf's log-sum-exp merge of two flash-attention calls (spec §3).
+
+The eidetic store [ours, spec §4; the paper's text is unverified, only "innovation-selected, bounded, causal,
+asynchronous" is confirmed]:
+
+  * **Innovation** (§4.1): ``e_t = ‖u_t − p_{t−1}‖²`` with ``u_t`` the (stop-gradient) input projected by a fixed
+    ``P_u`` and ``p_{t−1} = s_{t−1} P_s`` the SSM's prediction of it (:func:`innovation_score`).
+  * **Selection with a write delay** (§4.2): tokens are grouped in chunks of ``C`` consecutive tokens of one
+    document, cut at in-document offsets that are multiples of ``C``. When a chunk is complete, its ``k_sel``
+    highest-innovation tokens (ties: the earlier token) are written. They become visible to queries of the **next**
+    chunks only: a selected token was compared with later tokens of its own chunk, so reading it inside that chunk
+    would leak the future. A document's unfinished last chunk is never written.
+  * **What is stored** (§4.3): the token's own in-context key (RoPE at its position) and value, its position, its
+    document id, its in-document chunk index and its score.
+  * **Bound** (§4.4, ``bound="fifo"``): the store keeps the entries of the last ``M / k_sel`` written chunks
+    (``M`` entries). Query ``t`` in chunk ``c`` of document ``s`` therefore reads the entries of chunks
+    ``[c − M/k_sel, c − 1]`` of ``s``: a static band.
+  * **Dedup** (§4.5): an entry still inside the window (``pos > t − W``) is masked.
+
+Static-shape, block-banded implementation (§4.8) of one call of ``t`` tokens: queries are processed in blocks of
+``Q = min(C, t)`` tokens. A block of ``Q <= C`` consecutive tokens contains the end of **at most one** complete
+chunk (two ends ``e1 < e2`` would put ``e1`` inside ``e2``'s chunk). So each block contributes at most ``k_sel``
+entries, selected by ``top_k`` over the ``C + Q − 1`` tokens that can hold its chunk, and query block ``b`` reads
+
+  * in-context keys: the ``Q + W − 1`` tokens ``[bQ − W + 1, bQ + Q − 1]`` (carried window in front);
+  * fading keys: the ``Q + W − 1`` SSM-derived tokens ``[bQ − 2W + 1, bQ + Q − 1 − W]``;
+  * store keys: the entries of blocks ``b − M/k_sel .. b`` plus the carried store (the chunks written before the
+    call),
+
+each masked by position, document, chunk index and dedup. Cost per query: ``2(Q + W − 1) + M + k_sel (M/k_sel
++ 1)`` keys, i.e. O(L (4W + 2M)) for a call of ``L`` tokens with ``C = W``, never O(L²).
+
+The decoding state (§4.9) is bounded: the last ``W − 1`` in-context K/V, the last ``2W − 1`` fading K/V, the last
+``C − 1`` tokens (candidates of the unfinished chunk) with their scores, the ``M`` store entries and three integers
+per row. ``t == 1`` (the step form) is the same code with one block of one query.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from memarch.typing import Array, Float, Int
+
+_NEG_INF = -1e30  # finite: a query that sees no key gets a uniform softmax over masked logits, zeroed afterwards
+
+
+class WindowKV(NamedTuple):
+  """The last few keys / values of one key stream, chronological, batch-leading.
+
+  Attributes:
+    k: [b, slots, kv_heads, head_dim] keys (after RoPE).
+    v: [b, slots, kv_heads, head_dim] values.
+    positions: [b, slots] absolute position of each slot; -1 marks an empty slot.
+    segment_ids: [b, slots] document id of each slot.
+  """
+  k: Array
+  v: Array
+  positions: Array
+  segment_ids: Array
+
+
+class StoreEntries(NamedTuple):
+  """Tokens that are (or may become) eidetic-store entries, batch-leading.
+
+  Attributes:
+    k: [b, slots, kv_heads, head_dim] the token's in-context key (RoPE at its own position).
+    v: [b, slots, kv_heads, head_dim] its in-context value.
+    positions: [b, slots] its absolute position; -1 marks an empty slot.
+    segment_ids: [b, slots] its document id.
+    chunk: [b, slots] index of its selection chunk inside its document.
+    score: [b, slots] its innovation score (float32).
+  """
+  k: Array
+  v: Array
+  positions: Array
+  segment_ids: Array
+  chunk: Array
+  score: Array
+
+
+class BMojoMemory(NamedTuple):
+  """Everything a B'MOJO attention read carries from one call to the next (spec §4.9), batch-leading.
+
+  Attributes:
+    context: the last ``W − 1`` in-context keys / values.
+    fading: the last ``2W − 1`` SSM-derived keys / values (only the oldest ``W`` of the next query's span are
+      read; the newer ones become readable later).
+    candidates: the last ``C − 1`` tokens with their scores: the unfinished chunk's candidates (``C − 1`` slots
+      cover any unfinished chunk). Zero slots without a store.
+    store: ``M`` entries of the last ``M / k_sel`` written chunks, oldest first. Zero slots without a store.
+    offset: [b] in-document offset of the next token.
+    last_segment: [b] document id of the last token seen (-1 before the first token).
+    length: [b] tokens seen in this row (the absolute position of the next token).
+  """
+  context: WindowKV
+  fading: WindowKV
+  candidates: StoreEntries
+  store: StoreEntries
+  offset: Array
+  last_segment: Array
+  length: Array
+
+
+def _window_kv(b: int, slots: int, kv_heads: int, head_dim: int, dtype) -> WindowKV:
+  return WindowKV(jnp.zeros((b, slots, kv_heads, head_dim), dtype), jnp.zeros((b, slots, kv_heads, head_dim), dtype),
+                  jnp.full((b, slots), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+
+
+def _entries(b: int, slots: int, kv_heads: int, head_dim: int, dtype) -> StoreEntries:
+  w = _window_kv(b, slots, kv_heads, head_dim, dtype)
+  return StoreEntries(*w, jnp.zeros((b, slots), jnp.int32), jnp.zeros((b, slots), jnp.float32))
+
+
+def check_config(window: int, chunk_size: int, k_sel: int, memory_size: int) -> None:
+  """Raises a ValueError naming the field when the B'MOJO read cannot be built.
+
+  Args:
+    window: ``W``.
+    chunk_size: selection chunk ``C``.
+    k_sel: entries written per chunk.
+    memory_size: store bound ``M`` (0: no store, B'MOJO-F).
+  """
+  if window < 1:
+    raise ValueError(f"bmojo: window={window} must be >= 1")
+  if chunk_size < 1:
+    raise ValueError(f"bmojo: chunk_size={chunk_size} must be >= 1")
+  if memory_size < 0:
+    raise ValueError(f"bmojo: memory_size={memory_size} must be >= 0")
+  if memory_size:
+    if not 1 <= k_sel <= chunk_size:
+      raise ValueError(f"bmojo: k_sel={k_sel} must be in [1, chunk_size={chunk_size}]")
+    if memory_size % k_sel:
+      raise ValueError(f"bmojo: k_sel={k_sel} must divide memory_size={memory_size} (the FIFO keeps whole chunks)")
+
+
+def init_memory(batch_size: int, *, window: int, chunk_size: int, k_sel: int, memory_size: int, kv_heads: int,
+                head_dim: int, dtype=jnp.float32) -> BMojoMemory:
+  """The empty memory before the first token.
+
+  Args:
+    batch_size: rows.
+    window: ``W``.
+    chunk_size: selection chunk ``C``.
+    k_sel: entries written per chunk.
+    memory_size: store bound ``M`` (0: B'MOJO-F, no store and no candidates).
+    kv_heads: key / value heads.
+    head_dim: per-head width.
+    dtype: dtype of the carried keys and values.
+
+  Returns:
+    A :class:`BMojoMemory` with every slot empty.
+  """
+  check_config(window, chunk_size, k_sel, memory_size)
+  b = batch_size
+  cand = chunk_size - 1 if memory_size else 0
+  return BMojoMemory(
+      context=_window_kv(b, window - 1, kv_heads, head_dim, dtype),
+      fading=_window_kv(b, 2 * window - 1, kv_heads, head_dim, dtype),
+      candidates=_entries(b, cand, kv_heads, head_dim, dtype),
+      store=_entries(b, memory_size, kv_heads, head_dim, dtype),
+      offset=jnp.zeros((b,), jnp.int32),
+      last_segment=jnp.full((b,), -1, jnp.int32),
+      length=jnp.zeros((b,), jnp.int32))
+
+
+def document_offsets(segment_ids: Int[Array, "b t"], last_segment: Int[Array, " b"],
+                     offset: Int[Array, " b"]) -> tuple[Array, Array]:
+  """In-document offset of every token and where documents start.
+
+  Args:
+    segment_ids: document ids of this call's tokens.
+    last_segment: document id of the token before the call (-1: none).
+    offset: in-document offset the first token has if it continues that document.
+
+  Returns:
+    ``(offsets, starts)``: int32 [b, t] offsets and bool [b, t], True where a token starts a document (its id
+    differs from the previous token's; always at the first token of a row).
+  """
+  t = segment_ids.shape[1]
+  tt = jnp.arange(t, dtype=jnp.int32)
+  prev = jnp.concatenate([last_segment[:, None].astype(jnp.int32), segment_ids[:, :-1].astype(jnp.int32)], axis=1)
+  starts = segment_ids != prev
+  last_start = jax.lax.cummax(jnp.where(starts, tt, -1), axis=1)
+  offsets = jnp.where(last_start >= 0, tt - last_start, offset[:, None] + tt)
+  return offsets, starts
+
+
+def innovation_score(target: Float[Array, "b t f"], prediction: Float[Array, "b t f"],
+                     previous: Float[Array, "b f"], starts: Array) -> Array:
+  """Innovation ``e_t = ‖target_t − prediction_{t−1}‖²`` (spec §4.1, [ours]).
+
+  ``prediction_t`` is the SSM output at ``t`` mapped by the trainable probe (``s_t P_s``): how well the fading
+  state after ``t − 1`` predicts token ``t``. ``e_t`` depends only on positions ``<= t``.
+
+  Args:
+    target: ``sg(LN(x_t)) P_u`` for the call's tokens.
+    prediction: ``s_t P_s`` for the call's tokens.
+    previous: ``s_{−1} P_s``: the prediction of the token before the call.
+    starts: [b, t] True at a document start, where the prediction is 0 (the empty state predicts nothing).
+
+  Returns:
+    float32 [b, t] scores.
+  """
+  prev = jnp.concatenate([previous[:, None].astype(prediction.dtype), prediction[:, :-1]], axis=1)
+  prev = jnp.where(starts[..., None], 0.0, prev)
+  diff = target.astype(jnp.float32) - prev.astype(jnp.float32)
+  return jnp.sum(diff * diff, axis=-1)
+
+
+def _pad_time(z: Array, n: int, value=0) -> Array:
+  if n == 0:
+    return z
+  return jnp.pad(z, [(0, 0), (0, n)] + [(0, 0)] * (z.ndim - 2), constant_values=value)
+
+
+def _last(z: Array, n: int) -> Array:
+  return z[:, z.shape[1] - n:]
+
+
+def _cat(*zs: Array) -> Array:
+  dtype = zs[-1].dtype
+  return jnp.concatenate([z.astype(dtype) for z in zs], axis=1)
+
+
+def _blocks(z: Array, idx: Array) -> Array:
+  """``z[:, idx]`` for static ``idx`` [nb, s]: [b, nb, s, ...]."""
+  return jnp.take(z, idx, axis=1)
+
+
+def _logits(q: Array, k: Array, scale: float) -> Array:
+  """q [b, n, Q, kh, g, e], k [b, n, S, kh, e] -> float32 [b, n, kh, g, Q, S]."""
+  return jnp.einsum("bnqkge,bnske->bnkgqs", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def bmojo_attention(
+    q: Float[Array, "b t h e"],
+    k: Float[Array, "b t k e"],
+    v: Float[Array, "b t k e"],
+    k_fade: Float[Array, "b t k e"],
+    v_fade: Float[Array, "b t k e"],
+    memory: BMojoMemory,
+    *,
+    window: int,
+    segment_ids: Int[Array, "b t"] | None = None,
+    score: Float[Array, "b t"] | None = None,
+    q_fade: Float[Array, "b t h e"] | None = None,
+    chunk_size: int | None = None,
+    k_sel: int = 1,
+    fresh: bool = False,
+    scale: float | None = None,
+    return_store_read: bool = False,
+):
+  """One call of the B'MOJO read (B'MOJO-F when ``memory`` has no store slots), from ``memory`` to the new one.
+
+  Args:
+    q: queries after RoPE at their absolute positions; ``h`` is a multiple of the kv heads (GQA).
+    k: in-context keys after RoPE.
+    v: in-context values.
+    k_fade: fading keys ``RoPE(s W_k')`` (from the SSM output).
+    v_fade: fading values ``s W_v'``.
+    memory: the memory before the call (:func:`init_memory` for a fresh row).
+    window: ``W``.
+    segment_ids: [b, t] document ids (None: one document, id 0).
+    score: [b, t] innovation scores (only read when the memory has a store; no gradient flows through it).
+    q_fade: queries scored against the fading keys (None: ``q``, hmf's tied default).
+    chunk_size: selection chunk ``C`` (needed with a store; the candidates buffer holds ``C − 1`` slots).
+    k_sel: entries written per complete chunk.
+    fresh: ``memory`` is known to be empty: its store slots are left out of the read (the window slots are
+      always read; empty ones are masked).
+    scale: logit scale (default ``1/sqrt(head_dim)``).
+    return_store_read: also return, per query, the positions of the store entries it reads (for tests).
+
+  Returns:
+    ``(out, new_memory)`` with ``out`` [b, t, h, e] in ``q.dtype``; with ``return_store_read`` a third item: int32
+    [b, t, S] positions of the store keys read by each query, -1 where masked.
+  """
+  b, t, h, e = q.shape
+  kh = k.shape[2]
+  if h % kh:
+    raise ValueError(f"bmojo_attention: {h} query heads are not a multiple of {kh} kv heads")
+  w = window
+  m = memory.store.k.shape[1]
+  use_store = m > 0
+  if memory.context.k.shape[1] != w - 1 or memory.fading.k.shape[1] != 2 * w - 1:
+    raise ValueError(f"bmojo_attention: memory holds {memory.context.k.shape[1]} / {memory.fading.k.shape[1]} "
+                     f"window slots, expected window - 1 = {w - 1} / 2 window - 1 = {2 * w - 1}")
+  if use_store:
+    if chunk_size is None or score is None:
+      raise ValueError("bmojo_attention: a memory with a store needs chunk_size and score")
+    check_config(w, chunk_size, k_sel, m)
+    if memory.candidates.k.shape[1] != chunk_size - 1:
+      raise ValueError(f"bmojo_attention: memory holds {memory.candidates.k.shape[1]} candidates, expected "
+                       f"chunk_size - 1 = {chunk_size - 1}")
+  c = chunk_size if use_store else max(w, 1)
+  scale = e ** -0.5 if scale is None else scale
+  q_fade = q if q_fade is None else q_fade
+  sd = memory.context.k.dtype
+  segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  positions = memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  offsets, _ = document_offsets(segment_ids, memory.last_segment, memory.offset)
+
+  # Query blocks of Q tokens; the padded tail has positions after every real query, so causality hides it.
+  bq = min(c, t)
+  nb = -(-t // bq)
+  pad = nb * bq - t
+  tp = nb * bq
+  pos_p = memory.length[:, None] + jnp.arange(tp, dtype=jnp.int32)[None]
+  seg_p = _pad_time(segment_ids, pad)
+  qb = _pad_time(q, pad).reshape(b, nb, bq, kh, h // kh, e)
+  qfb = _pad_time(q_fade, pad).reshape(b, nb, bq, kh, h // kh, e)
+  q_pos = pos_p.reshape(b, nb, bq)[..., :, None]
+  q_seg = seg_p.reshape(b, nb, bq)[..., :, None]
+  span = (jnp.arange(nb) * bq)[:, None] + jnp.arange(bq + w - 1)[None]  # [nb, Q + W - 1]
+
+  # In-context keys [t - W + 1, t]; stream = carried W - 1 slots then this call's tokens.
+  # (Padded tokens keep their real, later positions: no query can see them.)
+  ctx = [_blocks(_cat(old, new), span) for old, new in
+         zip(memory.context, (_pad_time(k, pad), _pad_time(v, pad), pos_p, seg_p))]
+  ctx_mask = ((ctx[2][:, :, None] <= q_pos) & (ctx[2][:, :, None] > q_pos - w) & (ctx[2][:, :, None] >= 0)
+              & (ctx[3][:, :, None] == q_seg))
+  # Fading keys [t - 2W + 1, t - W]; stream = carried 2W - 1 slots then this call's tokens.
+  fad = [_blocks(_cat(old, new), span) for old, new in
+         zip(memory.fading, (_pad_time(k_fade, pad), _pad_time(v_fade, pad), pos_p, seg_p))]
+  fad_mask = ((fad[2][:, :, None] <= q_pos - w) & (fad[2][:, :, None] > q_pos - 2 * w) & (fad[2][:, :, None] >= 0)
+              & (fad[3][:, :, None] == q_seg))
+  logits = [_logits(qb, ctx[0], scale), _logits(qfb, fad[0], scale)]
+  masks = [ctx_mask, fad_mask]
+  values = [ctx[1], fad[1]]
+
+  new_store = memory.store
+  new_candidates = memory.candidates
+  store_pos = None
+  if use_store:
+    band = m // k_sel
+    chunk = offsets // c
+    valid = jnp.ones((b, t), bool)
+    cand = memory.candidates
+    # Candidate stream: the carried C - 1 tokens, then this call's tokens (padded ones are invalid).
+    stream = StoreEntries(
+        _cat(cand.k, _pad_time(k, pad).astype(sd)), _cat(cand.v, _pad_time(v, pad).astype(sd)),
+        _cat(cand.positions, pos_p), _cat(cand.segment_ids, seg_p),
+        _cat(cand.chunk, _pad_time(chunk, pad)),
+        _cat(cand.score, _pad_time(jax.lax.stop_gradient(score).astype(jnp.float32), pad)))
+    stream_valid = _cat(cand.positions >= 0, _pad_time(valid, pad, False))
+    # A token ends a chunk when its in-document offset is C - 1 mod C; at most one end per block of Q <= C tokens.
+    ends = _pad_time(valid & ((offsets + 1) % c == 0), pad, False).reshape(b, nb, bq)
+    has = ends.any(-1)                                                            # [b, nb]
+    end = jnp.arange(nb) * bq + jnp.argmax(ends, axis=-1)                        # call index of the end token
+    end_seg = jnp.take_along_axis(seg_p, end, axis=1)
+    end_chunk = jnp.take_along_axis(_pad_time(chunk, pad), end, axis=1)
+    # The ended chunk lies in call indices [end - C + 1, end] subset of [bQ - C + 1, bQ + Q - 1]: stream
+    # indices [bQ, bQ + C + Q - 2] (the stream is shifted by the C - 1 carried candidates).
+    sel_span = (jnp.arange(nb) * bq)[:, None] + jnp.arange(c + bq - 1)[None]
+    sp = jax.tree.map(lambda z: _blocks(z, sel_span), stream)
+    member = (_blocks(stream_valid, sel_span) & (sp.segment_ids == end_seg[..., None])
+              & (sp.chunk == end_chunk[..., None]) & has[..., None])
+    # top_k puts the earlier of equal scores first; a complete chunk has C >= k_sel members.
+    _, pick = jax.lax.top_k(jnp.where(member, sp.score, -jnp.inf), k_sel)      # [b, nb, k_sel]
+    take = lambda z: jnp.take_along_axis(z, pick.reshape(pick.shape + (1,) * (z.ndim - 3)), axis=2)
+    new = StoreEntries(*(take(z) for z in sp))
+    new = new._replace(positions=jnp.where(has[..., None], new.positions, -1))
+
+    # Store keys of query block b: entries written in blocks b - back .. b (earlier blocks' chunks are more than
+    # M / k_sel chunks old for every query of block b), plus the carried store unless fresh.
+    back = min(band, nb - 1)
+    front = lambda z: jnp.pad(z, [(0, 0), (back, 0)] + [(0, 0)] * (z.ndim - 2),
+                              constant_values=-1 if z.dtype == jnp.int32 else 0)
+    blk = (jnp.arange(nb))[:, None] + jnp.arange(back + 1)[None]                 # [nb, back + 1]
+    read = [front(z)[:, blk].reshape((b, nb, (back + 1) * k_sel) + z.shape[3:]) for z in new[:5]]
+    if not fresh:
+      store = memory.store
+      read = [jnp.concatenate([jnp.broadcast_to(old[:, None], (b, nb) + old.shape[1:]).astype(z.dtype), z], axis=2)
+              for old, z in zip(store[:5], read)]
+    s_k, s_v, s_pos, s_seg, s_chunk = read
+    q_chunk = _pad_time(chunk, pad).reshape(b, nb, bq)[..., :, None]
+    store_mask = ((s_pos[:, :, None] >= 0) & (s_seg[:, :, None] == q_seg) & (s_pos[:, :, None] <= q_pos - w)
+                  & (s_chunk[:, :, None] <= q_chunk - 1) & (s_chunk[:, :, None] >= q_chunk - band))
+    logits.append(_logits(qb, s_k, scale))
+    masks.append(store_mask)
+    values.append(s_v)
+    store_pos = jnp.where(store_mask, s_pos[:, :, None], -1)
+
+    # FIFO: keep the last `band` written chunks of [carried || this call's]; blocks without an end are moved in
+    # front of everything (stable sort) so they never displace a written chunk.
+    slots = jax.tree.map(lambda old, z: _cat(old.reshape((b, band, k_sel) + old.shape[2:]).astype(z.dtype), z),
+                         memory.store, new)
+    keep = jnp.concatenate([jnp.ones((b, band), jnp.int32), has.astype(jnp.int32)], axis=1)
+    order = jnp.argsort(keep, axis=1, stable=True)[:, nb:]                      # the last `band` slots
+    pick_slots = lambda z: jnp.take_along_axis(z, order.reshape(order.shape + (1,) * (z.ndim - 2)), axis=1)
+    new_store = jax.tree.map(lambda z, old: pick_slots(z).reshape(old.shape).astype(old.dtype), slots, memory.store)
+    unpadded = jax.tree.map(lambda z: z[:, :z.shape[1] - pad], stream)
+    new_candidates = jax.tree.map(lambda z, old: _last(z, c - 1).astype(old.dtype), unpadded, cand)
+
+  # One masked softmax over [in-context || fading || store] keys (float32 statistics).
+  mask = jnp.concatenate(masks, axis=-1)[:, :, None, None]                       # [b, nb, 1, 1, Q, S]
+  all_logits = jnp.where(mask, jnp.concatenate(logits, axis=-1), _NEG_INF)
+  probs = jax.nn.softmax(all_logits, axis=-1)
+  probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+  vals = jnp.concatenate([z.astype(v.dtype) for z in values], axis=2)           # [b, nb, S, kh, e]
+  out = jnp.einsum("bnkgqs,bnske->bnqkge", probs.astype(v.dtype), vals, preferred_element_type=jnp.float32)
+  out = out.reshape(b, tp, h, e)[:, :t].astype(q.dtype)
+
+  new_memory = BMojoMemory(
+      context=WindowKV(*(_last(_cat(old, new), w - 1).astype(old.dtype) for old, new in
+                         zip(memory.context, (k, v, positions, segment_ids)))),
+      fading=WindowKV(*(_last(_cat(old, new), 2 * w - 1).astype(old.dtype) for old, new in
+                        zip(memory.fading, (k_fade, v_fade, positions, segment_ids)))),
+      candidates=new_candidates,
+      store=new_store,
+      offset=offsets[:, -1] + 1,
+      last_segment=segment_ids[:, -1],
+      length=memory.length + t)
+  if return_store_read:
+    if store_pos is None:
+      store_pos = jnp.full((b, nb, bq, 0), -1, jnp.int32)
+    return out, new_memory, store_pos.reshape(b, tp, -1)[:, :t]
+  return out, new_memory
+
+
+@jax.custom_vjp
+def add_aux_gradient(w: Array, aux_loss: Array) -> Array:
+  """Returns ``w`` unchanged; in the backward pass ``aux_loss`` also receives cotangent 1 (spec §4.1, [ours]).
+
+  This adds ``aux_loss`` to whatever loss is differentiated, without a second output: a layer routes its
+  auxiliary loss through a weight that is always on the path to the main loss (B'MOJO uses its output projection).
+  The backward pass runs once per differentiation of the layer, so the total gradient is
+  ``∇(loss + aux_loss)``. Forward-mode differentiation works as long as neither input has a tangent (e.g. a
+  Jacobian with respect to inputs that reach ``aux_loss`` only through ``stop_gradient``).
+
+  Args:
+    w: any array on the path to the main loss.
+    aux_loss: scalar auxiliary loss.
+
+  Returns:
+    ``w``.
+  """
+  del aux_loss
+  return w
+
+
+def _aux_fwd(w, aux_loss):
+  return w, jnp.zeros((), aux_loss.dtype)
+
+
+def _aux_bwd(zero, g):
+  return g, jnp.ones_like(zero)
+
+
+add_aux_gradient.defvjp(_aux_fwd, _aux_bwd)

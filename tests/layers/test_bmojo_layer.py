@@ -1,0 +1,223 @@
+"""BMojoF / BMojo layers: naive reference == one call == chunk by chunk == token by token; gradients; causality;
+packed documents; the store bound; the auxiliary loss; partition specs on 8 devices."""
+
+import functools
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from memarch import sharding
+from memarch.layers.bmojo import BMojo, BMojoF, BMojoState
+from memarch.layers.mamba2 import Mamba2
+from memarch.ops import attention as attn_ops
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "ops"))
+from test_bmojo_ops import naive_bmojo  # noqa: E402  (the independent per-token reference)
+
+T = 13  # divisible by neither the selection chunks (4, 3) nor the SSD chunk (4)
+SSM = dict(d_model=16, d_state=8, ssm_head_dim=8, ssm_chunk_size=4)
+LAYERS = {
+    "bmojo_f": (BMojoF, dict(num_heads=2, window=3, **SSM)),
+    "bmojo": (BMojo, dict(num_heads=4, num_kv_heads=2, window=3, chunk_size=4, k_sel=2, memory_size=4, **SSM)),
+    "bmojo_untied": (BMojo, dict(num_heads=2, window=2, chunk_size=3, k_sel=1, memory_size=3,
+                                 tie_attn_weights=False, innovation_dim=8, **SSM)),
+}
+SEG = jnp.array([[0] * T, [0] * 5 + [1] * 8])  # row 1: a document starts at 5, not a chunk multiple
+
+
+@functools.cache
+def _setup(name, **overrides):
+  cls, fields = LAYERS[name]
+  layer = cls(**{**fields, **overrides})
+  x = jax.random.normal(jax.random.key(0), (2, T, 16))
+  params = jax.jit(layer.init)(jax.random.key(1), x)
+  return layer, jax.jit(layer.apply), params, x
+
+
+def _chunks(layer, apply, params, x, bounds, segment_ids=None):
+  state, ys = layer.init_state(x.shape[0]), []
+  for lo, hi in bounds:
+    seg = None if segment_ids is None else segment_ids[:, lo:hi]
+    y, state = apply(params, x[:, lo:hi], segment_ids=seg, state=state)
+    ys.append(y)
+  return jnp.concatenate(ys, 1), state
+
+
+def _close(a, b, atol=1e-5):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=1e-5), a, b)
+
+
+def _naive_layer(layer, params, x, seg):
+  """The layer recomputed by hand around the per-token reference of the ops test."""
+  p = nn.meta.unbox(params)["params"]
+  s, _ = Mamba2(d_model=16, d_state=8, head_dim=8, chunk_size=4).apply({"params": p["ssm"]}, x, segment_ids=seg)
+  pos = jnp.broadcast_to(jnp.arange(T), (x.shape[0], T))
+  proj = lambda z, w: jnp.einsum("btd,dhe->bthe", z, w)
+  rope = lambda z: attn_ops.rope(z, pos)
+  tied = layer.tie_attn_weights
+  q, k, v = rope(proj(x, p["q"])), rope(proj(x, p["k"])), proj(x, p["v"])
+  kf = rope(proj(s, p["k"] if tied else p["k_fade"]))
+  vf = proj(s, p["v"] if tied else p["v_fade"])
+  qf = None if tied else rope(proj(x, p["q_fade"]))
+  c, k_sel, m = layer.store_config()
+  score = np.zeros((x.shape[0], T))
+  if m:
+    xn = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    if layer.innovation_dim:
+      xn = xn @ (jax.random.normal(jax.random.key(layer.innovation_seed), (16, layer.innovation_dim)) / 4.0)
+    pred = s @ p["innovation_probe"]
+    seg_np = np.asarray(seg)
+    for r in range(x.shape[0]):
+      for t in range(T):
+        prev = 0.0 if t == 0 or seg_np[r, t] != seg_np[r, t - 1] else pred[r, t - 1]
+        score[r, t] = float(jnp.sum((xn[r, t] - prev) ** 2))
+  out, _ = naive_bmojo(q, k, v, kf, vf, score, seg, window=layer.window, chunk=c, k_sel=k_sel, m=m, qf=qf)
+  return jnp.einsum("bthe,hed->btd", out, np.asarray(p["o"], np.float64))
+
+
+@pytest.mark.parametrize("name", ["bmojo", pytest.param("bmojo_f", marks=pytest.mark.slow),
+                                  pytest.param("bmojo_untied", marks=pytest.mark.slow)])
+def test_naive_equals_full_equals_chunks_equals_steps(name):
+  # Given a layer and 13 tokens, row 1 holding two packed documents
+  layer, apply, params, x = _setup(name)
+  # When run by the hand-written reference, in one call, in uneven calls and token by token
+  ref = _naive_layer(layer, params, x, SEG)
+  y_full, s_full = apply(params, x, segment_ids=SEG)
+  y_chk, s_chk = _chunks(layer, apply, params, x, [(0, 6), (6, 7), (7, T)], SEG)
+  y_tok, s_tok = _chunks(layer, apply, params, x, [(t, t + 1) for t in range(T)], SEG)
+  # Then all outputs agree and so do the final states
+  np.testing.assert_allclose(y_full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_chk, y_full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_tok, y_full, atol=1e-5, rtol=1e-5)
+  _close(s_chk, s_full)
+  _close(s_tok, s_full)
+  assert isinstance(s_full, BMojoState)
+  assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(s_full))
+
+
+@pytest.mark.slow  # two compiles of a multi-call gradient: minutes on a loaded 2-core machine
+def test_gradients_full_equal_chunked_with_state():
+  # Given B'MOJO without the auxiliary loss (its per-call mean depends on how the sequence is split)
+  layer, _, params, x = _setup("bmojo", aux_weight=0.0)
+  ct = jax.random.normal(jax.random.key(5), x.shape)
+
+  def loss(params, x, bounds):
+    y, _ = _chunks(layer, layer.apply, params, x, bounds, SEG)
+    return jnp.sum(y * ct)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  g_full = nn.meta.unbox(grad(params, x, ((0, T),)))
+  g_chk = nn.meta.unbox(grad(params, x, ((0, 6), (6, T))))
+  _close(g_chk, g_full, atol=2e-5)
+  # The probe gets no gradient from the main loss: scores only pick entries (top-k is not differentiable)
+  np.testing.assert_array_equal(g_full[0]["params"]["innovation_probe"], 0.0)
+  assert float(jnp.abs(g_full[0]["params"]["ssm"]["in_zx"]).max()) > 0
+
+
+def test_aux_loss_trains_the_probe_only():
+  # Given B'MOJO with aux_weight 0.5
+  layer, _, params, x = _setup("bmojo", aux_weight=0.5)
+  layer0 = layer.clone(aux_weight=0.0)
+  # When differentiating a loss of the output
+  f = lambda lyr: nn.meta.unbox(jax.jit(jax.grad(lambda p: jnp.sum(lyr.apply(p, x)[0])))(params))["params"]
+  g, g0 = f(layer), f(layer0)
+  # Then the probe's gradient is 0.5 * d mean(e) / d P_s and every other gradient is unchanged
+  p = nn.meta.unbox(params)["params"]
+  s, _ = Mamba2(d_model=16, d_state=8, head_dim=8, chunk_size=4).apply({"params": p["ssm"]}, x)
+  xn = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
+
+  def mean_e(probe):
+    pred = jnp.concatenate([jnp.zeros((2, 1, 16)), (s @ probe)[:, :-1]], axis=1)
+    return jnp.mean(jnp.sum((xn - pred) ** 2, -1))
+
+  np.testing.assert_allclose(g["innovation_probe"], 0.5 * jax.grad(mean_e)(p["innovation_probe"]), atol=1e-5,
+                             rtol=1e-4)
+  g.pop("innovation_probe"), g0.pop("innovation_probe")
+  _close(g, g0)
+
+
+@pytest.mark.parametrize("name", ["bmojo", "bmojo_f"])
+def test_causality_future_tokens_change_nothing_before(name):
+  layer, apply, params, x = _setup(name)
+  # Jacobian of every output wrt every input: zero wherever the input is later than the output
+  jac = jax.jit(jax.jacfwd(lambda z: apply(params, z)[0][0]))(x)  # [t, d, b, t', d]
+  for t in range(T):
+    np.testing.assert_array_equal(jac[t, :, :, t + 1:], 0.0)
+  # Perturbing the tokens after tau (which also changes the top-k of tau's chunk) leaves outputs <= tau and the
+  # state after tau (store, candidates, window) unchanged
+  base, _ = apply(params, x)
+  for tau in (4, 5, 9):
+    x2 = x.at[:, tau + 1:].add(jax.random.normal(jax.random.key(tau), x[:, tau + 1:].shape))
+    y2, _ = apply(params, x2)
+    np.testing.assert_allclose(y2[:, :tau + 1], base[:, :tau + 1], atol=1e-6)
+    assert np.abs(np.asarray(y2[:, tau + 1:] - base[:, tau + 1:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["bmojo", "bmojo_untied"])
+def test_packed_documents_equal_separate_runs(name):
+  layer, apply, params, x = _setup(name)
+  y_packed, _ = apply(params, x, segment_ids=SEG)
+  y_alone, _ = apply(params, x[1:, 5:])
+  np.testing.assert_allclose(y_packed[1:, 5:], y_alone, atol=1e-5)
+  y_first, _ = apply(params, x[1:, :5])
+  np.testing.assert_allclose(y_packed[1:, :5], y_first, atol=1e-5)
+
+
+def test_store_stays_bounded_and_is_used():
+  # Given B'MOJO (M = 4) streaming 40 tokens in calls of 7
+  layer, apply, params, _ = _setup("bmojo")
+  x = jax.random.normal(jax.random.key(3), (2, 40, 16))
+  _, state = _chunks(layer, apply, params, x, [(i, min(i + 7, 40)) for i in range(0, 40, 7)])
+  # Then the state has the same shapes as at the start, the store holds the picks of the last M / k_sel chunks
+  shapes = lambda s: jax.tree.map(lambda a: a.shape, s)
+  assert shapes(state) == shapes(layer.init_state(2))
+  pos = np.asarray(state.memory.store.positions)
+  assert pos.shape == (2, 4) and (pos >= 32).all() and (pos < 40).all()  # chunks [32, 36) and [36, 40)
+  # And the store changes the output compared with B'MOJO-F on the same parameters
+  params_f = {"params": {k: v for k, v in params["params"].items() if k != "innovation_probe"}}
+  layer_f = BMojoF(**{k: v for k, v in LAYERS["bmojo"][1].items() if k not in ("chunk_size", "k_sel", "memory_size")})
+  y_f, _ = jax.jit(layer_f.apply)(params_f, x)
+  y, _ = apply(params, x)
+  # (an entry p of chunk 0 is readable from t = max(4, p + W) on)
+  np.testing.assert_allclose(y[:, :4], y_f[:, :4], atol=1e-6)
+  assert np.abs(np.asarray(y - y_f))[:, 4:].max() > 1e-3
+
+
+def test_bad_fields_raise_naming_the_field():
+  x = jnp.zeros((1, 4, 16))
+  with pytest.raises(ValueError, match="k_sel"):
+    BMojo(num_heads=2, window=2, k_sel=3, memory_size=6, **SSM).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="memory_size"):
+    BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, **SSM).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    BMojoF(num_heads=3, num_kv_heads=2, head_dim=4, window=2, **SSM).init_state(1)
+  with pytest.raises(ValueError, match="window"):
+    BMojoF(num_heads=2, window=0, **SSM).init_state(1)
+
+
+def test_partition_specs_on_a_2x2x2_mesh():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  rules = sharding.rules_for_mesh(sharding.DEFAULT_RULES, mesh)
+  layer = BMojo(**LAYERS["bmojo_untied"][1])
+  x = jnp.zeros((4, 8, 16))
+  mesh_shardings = sharding.param_shardings(layer, x, mesh=mesh, rules=rules)
+  flat = sharding.flat_specs(mesh_shardings)
+  expected = {
+      "q": P("fsdp", "tensor", None), "k": P("fsdp", "tensor", None), "v": P("fsdp", "tensor", None),
+      "q_fade": P("fsdp", "tensor", None), "k_fade": P("fsdp", "tensor", None),
+      "v_fade": P("fsdp", "tensor", None), "o": P("tensor", None, "fsdp"), "innovation_probe": P("fsdp", None),
+      "ssm/in_zx": P("fsdp", None, "tensor"), "ssm/out": P("tensor", "fsdp"), "ssm/A_log": P("tensor"),
+  }
+  for name, spec in expected.items():
+    assert flat[name] == spec, (name, flat[name])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(lambda k: nn.meta.unbox(layer.init(k, x)["params"]),
+                     out_shardings=mesh_shardings)(jax.random.key(0))
+  assert params["q"].sharding.spec == P("fsdp", "tensor", None)
+  assert len(params["q"].addressable_shards) == 8

@@ -1,0 +1,286 @@
+"""B'MOJO read (ops): a naive per-token loop that keeps the store explicitly == the block-banded form == streaming.
+
+The reference below is written from the spec (bmojo.md §3, §4), not from the fast path: it walks the tokens one by
+one, keeps the unfinished chunk's tokens in a list, writes the top-k_sel of a chunk when it completes, evicts whole
+chunks first-in first-out, and reads every key set by filtering positions.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memarch.ops import bmojo
+
+B, T, H, KH, E = 2, 23, 4, 2, 8
+SEG = np.array([[0] * T, [0] * 9 + [1] * 6 + [2] * 8])  # row 1: documents start at 9 and 15 (not chunk multiples)
+
+
+def _softmax(z, xp):
+  z = z - z.max(axis=1, keepdims=True)
+  return xp.exp(z) / xp.exp(z).sum(axis=1, keepdims=True)
+
+
+def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None, xp=np):
+  """Token-by-token reference: explicit window / fading filters and an explicit FIFO list of written chunks.
+
+  ``xp=np`` runs in float64 numpy (fast forward reference); ``xp=jnp`` is differentiable (gradient reference).
+  """
+  if xp is np:
+    q, k, v, kf, vf = (np.asarray(z, np.float64) for z in (q, k, v, kf, vf))
+    qf = None if qf is None else np.asarray(qf, np.float64)
+  qf = q if qf is None else qf
+  score, seg = np.asarray(score), np.asarray(seg)
+  b, t, h, e = q.shape
+  g = h // k.shape[2]
+  rep = lambda z: xp.repeat(z, g, axis=1)  # [n, kh, e] -> [n, h, e]
+  rows, reads = [], []
+  for r in range(b):
+    written, cur, offset, outs, row_reads = [], [], 0, [], []
+    for i in range(t):
+      if i == 0 or seg[r, i] != seg[r, i - 1]:
+        offset, cur = 0, []
+      same = lambda j: seg[r, j] == seg[r, i]
+      ctx = [j for j in range(t) if i - window < j <= i and same(j)]
+      fad = [j for j in range(t) if i - 2 * window < j <= i - window and same(j)]
+      sto = [j for chunk_entries in written for j in chunk_entries if same(j) and j <= i - window]
+      row_reads.append(sorted(sto))
+      logits = [xp.einsum("he,nhe->hn", q[r, i], rep(k[r, np.array(ctx)]))]
+      vals = [rep(v[r, np.array(ctx)])]
+      if fad:
+        logits.append(xp.einsum("he,nhe->hn", qf[r, i], rep(kf[r, np.array(fad)])))
+        vals.append(rep(vf[r, np.array(fad)]))
+      if sto:
+        logits.append(xp.einsum("he,nhe->hn", q[r, i], rep(k[r, np.array(sto)])))
+        vals.append(rep(v[r, np.array(sto)]))
+      p = _softmax(xp.concatenate(logits, axis=1) / np.sqrt(e), xp)
+      outs.append(xp.einsum("hn,nhe->he", p, xp.concatenate(vals, axis=0)))
+      # Write after reading: the chunk completed by token i is visible from the next chunk on.
+      cur.append(i)
+      if m and (offset + 1) % chunk == 0:
+        best = sorted(cur, key=lambda j: (-score[r, j], j))[:k_sel]
+        written = (written + [sorted(best)])[-(m // k_sel):]
+        cur = []
+      offset += 1
+    rows.append(xp.stack(outs))
+    reads.append(row_reads)
+  return xp.stack(rows), reads
+
+
+@functools.cache
+def _inputs(seed=0):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  q, qf = (jax.random.normal(kk, (B, T, H, E)) for kk in ks[:2])
+  k, v, kf, vf = (jax.random.normal(kk, (B, T, KH, E)) for kk in ks[2:6])
+  score = jax.random.uniform(ks[6], (B, T))
+  return q, k, v, kf, vf, qf, score
+
+
+CFGS = {
+    "bmojo": dict(window=3, chunk=4, k_sel=2, m=4),
+    "bmojo_f": dict(window=3, chunk=4, k_sel=1, m=0),
+    "c_lt_w": dict(window=4, chunk=3, k_sel=1, m=3),
+}
+
+
+def _memory(cfg, b=B):
+  return bmojo.init_memory(b, window=cfg["window"], chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
+                           memory_size=cfg["m"], kv_heads=KH, head_dim=E)
+
+
+@functools.cache
+def _fast_cached(cfg_items, untied):
+  return _fast_impl(dict(cfg_items), untied)
+
+
+def _fast(cfg, untied=False):
+  return _fast_cached(tuple(sorted(cfg.items())), untied)
+
+
+def _fast_impl(cfg, untied):
+  @jax.jit
+  def run(q, k, v, kf, vf, qf, score, seg, memory):
+    return bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
+                                 q_fade=qf if untied else None, chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
+                                 return_store_read=True)
+  return run
+
+
+def _streamed(cfg, bounds, untied=False, inputs=None):
+  run = _fast(cfg, untied)
+  q, k, v, kf, vf, qf, score = inputs or _inputs()
+  memory, outs, reads = _memory(cfg), [], []
+  seg = jnp.asarray(SEG)
+  for lo, hi in bounds:
+    sl = lambda z: z[:, lo:hi]
+    o, memory, rd = run(*map(sl, (q, k, v, kf, vf, qf, score, seg)), memory)
+    outs.append(o)
+    reads.append(_read_sets(np.asarray(rd)))
+  return jnp.concatenate(outs, 1), memory, [sum((r[i] for r in reads), []) for i in range(B)]
+
+
+def _read_sets(store_read):
+  return [[sorted(int(p) for p in row if p >= 0) for row in batch] for batch in store_read]
+
+
+@pytest.mark.parametrize("name,untied", [("bmojo", False), pytest.param("bmojo_f", True, marks=pytest.mark.slow),
+                                         pytest.param("c_lt_w", True, marks=pytest.mark.slow)])
+def test_naive_equals_block_banded_and_streaming(name, untied):
+  # Given random q/k/v, fading k/v, innovation scores and packed documents in row 1
+  cfg = CFGS[name]
+  q, k, v, kf, vf, qf, score = _inputs()
+  ref, ref_reads = naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg, qf=qf if untied else None)
+  # When the fast path runs in one call, in uneven calls with the carried memory, and token by token
+  full, mem_full, read_full = _streamed(cfg, [(0, T)], untied)
+  chunked, mem_chunked, _ = _streamed(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], untied)
+  steps, mem_steps, read_steps = _streamed(cfg, [(i, i + 1) for i in range(T)], untied)
+  # Then outputs equal the reference, and so do the store entries each query reads and the final memories
+  np.testing.assert_allclose(full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(chunked, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(steps, ref, atol=1e-5, rtol=1e-5)
+  assert read_full == ref_reads
+  assert read_steps == ref_reads
+  for a, b in ((mem_full, mem_chunked), (mem_full, mem_steps)):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+  if cfg["m"]:
+    # The store is really used: some query reads an entry outside its window and fading span.
+    assert any(len(s) for row in ref_reads for s in row)
+
+
+@pytest.mark.slow  # compiles the gradient of the unrolled per-token reference
+def test_gradients_naive_equal_block_banded():
+  cfg = CFGS["bmojo"]
+  q, k, v, kf, vf, qf, score = _inputs()
+  ct = jax.random.normal(jax.random.key(9), (B, T, H, E))
+  run = _fast(cfg, untied=True)
+
+  def loss_fast(args):
+    out = run(*args[:6], score, jnp.asarray(SEG), _memory(cfg))[0]
+    return jnp.sum(out * ct)
+
+  def loss_ref(args):
+    out, _ = naive_bmojo(*args[:5], score, SEG, **cfg, qf=args[5], xp=jnp)
+    return jnp.sum(out * ct)
+
+  args = (q, k, v, kf, vf, qf)
+  g_fast = jax.jit(jax.grad(loss_fast))(args)
+  g_ref = jax.jit(jax.grad(loss_ref))(args)
+  for a, b in zip(g_fast, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  # Gradients through the carried memory: a split run gives the same gradients as one call.
+
+  def loss_split(args):
+    seg = jnp.asarray(SEG)
+    sl = lambda z, lo, hi: z[:, lo:hi]
+    memory, outs = _memory(cfg), []
+    for lo, hi in ((0, 7), (7, T)):
+      o, memory, _ = run(*(sl(z, lo, hi) for z in args[:6]), sl(score, lo, hi), sl(seg, lo, hi), memory)
+      outs.append(o)
+    return jnp.sum(jnp.concatenate(outs, 1) * ct)
+
+  g_split = jax.jit(jax.grad(loss_split))(args)
+  for a, b in zip(g_split, g_fast):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bmojo_f_single_softmax_equals_lse_merge_of_two_windowed_paths():
+  # hmf's kernel: flash attention over (q, k, v) and over the fading path shifted by W, merged by log-sum-exp.
+  w = 4
+  q, k, v, kf, vf, _, _ = _inputs(1)
+  memory = bmojo.init_memory(B, window=w, chunk_size=w, k_sel=1, memory_size=0, kv_heads=KH, head_dim=E)
+  out, _ = jax.jit(functools.partial(bmojo.bmojo_attention, window=w))(q, k, v, kf, vf, memory)
+  pos = jnp.arange(T)
+  rep = lambda z: jnp.repeat(z, H // KH, axis=2)
+
+  def path(kk, vv, lo, hi):
+    s = jnp.einsum("bthe,bshe->bhts", q, rep(kk)) / np.sqrt(E)
+    d = pos[:, None] - pos[None]
+    ok = (d >= lo) & (d <= hi)
+    s = jnp.where(ok, s, -jnp.inf)
+    lse = jax.scipy.special.logsumexp(s, axis=-1)
+    p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    return jnp.einsum("bhts,bshe->bthe", p, rep(vv)), jnp.moveaxis(lse, 1, 2)
+
+  o1, l1 = path(k, v, 0, w - 1)
+  o2, l2 = path(kf, vf, w, 2 * w - 1)  # lse = -inf for the first W positions
+  mx = jnp.maximum(l1, l2)
+  a1, a2 = jnp.exp(l1 - mx), jnp.exp(l2 - mx)
+  merged = (o1 * a1[..., None] + o2 * a2[..., None]) / (a1 + a2)[..., None]
+  np.testing.assert_allclose(out, merged, atol=2e-6)
+
+
+def test_selected_entries_are_read_only_from_the_next_chunk_and_within_the_bound():
+  # Given one document, W = 2, C = 4, k_sel = 1 and M = 2 (the last two written chunks)
+  cfg = dict(window=2, chunk=4, k_sel=1, m=2)
+  q, k, v, kf, vf, _, _ = _inputs(2)
+  score = jnp.zeros((B, T)).at[:, 1].set(5.0).at[:, 6].set(5.0).at[:, 8].set(5.0).at[:, 13].set(5.0)
+  seg = jnp.zeros((B, T), jnp.int32)
+  memory = _memory(cfg)
+  run = jax.jit(lambda v: bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=2, segment_ids=seg, score=score,
+                                                chunk_size=4, k_sel=1, return_store_read=True))
+  _, mem, read = run(v)
+  reads = _read_sets(np.asarray(read))[0]
+  # Then position 1 (chunk 0) is read from chunk 1 on, never before, and evicted after chunk 2 is written
+  assert all(1 not in reads[t] for t in range(4))
+  assert all(1 in reads[t] for t in range(4, 12))
+  assert all(1 not in reads[t] for t in range(12, T))
+  assert reads[16] == [8, 13] and reads[12] == [6, 8]
+  # Every query reads at most M entries, and the final store holds the last two chunks' picks
+  assert max(len(r) for r in reads) <= 2
+  np.testing.assert_array_equal(mem.store.positions[0], [13, 16])
+  # And the Jacobian wrt values: no dependence on the future, on unselected tokens outside the window and fading
+  # span, or on evicted entries (t = 20 reads 13 and the pick of chunk 4, 16, whose scores tie at 0: the earliest;
+  # its fading span [17, 18] reads v_fade, not v)
+  jac = jax.jit(jax.jacfwd(lambda vv: run(vv)[0][0, 20]))(v)  # [h, e, b, t, kh, e]
+  dep = np.abs(np.asarray(jac[:, :, 0])).sum(axis=(0, 1, 3, 4))
+  visible = {13, 16, 19, 20}  # store + window
+  for j in range(T):
+    assert (dep[j] > 0) == (j in visible), (j, dep[j])
+
+
+def test_future_scores_and_values_do_not_change_the_past():
+  # The top-k of a chunk compares a token with later ones: perturbing scores / values after tau must change
+  # neither the outputs nor the store entries read by queries <= tau (including tau inside a chunk).
+  cfg = CFGS["bmojo"]
+  q, k, v, kf, vf, qf, score = _inputs(3)
+  run = _fast(cfg, untied=True)
+  seg = jnp.asarray(SEG)
+  base, _, base_read = run(q, k, v, kf, vf, qf, score, seg, _memory(cfg))
+  for tau in (5, 10, 14):
+    noise = jax.random.normal(jax.random.key(tau), (B, T))
+    later = (jnp.arange(T) > tau)[None]
+    score2 = jnp.where(later, score + 3 * noise, score)
+    v2 = jnp.where(later[..., None, None], v + 1.0, v)
+    out, _, read = run(q, k, v2, kf, vf, qf, score2, seg, _memory(cfg))
+    np.testing.assert_allclose(out[:, :tau + 1], base[:, :tau + 1], atol=1e-6)
+    assert _read_sets(np.asarray(read[:, :tau + 1])) == _read_sets(np.asarray(base_read[:, :tau + 1]))
+    assert np.abs(np.asarray(out[:, tau + 1:] - base[:, tau + 1:])).max() > 0
+
+
+def test_innovation_score_and_offsets():
+  seg = jnp.array([[3, 3, 4, 4, 4]])
+  off, starts = bmojo.document_offsets(seg, jnp.array([3]), jnp.array([6]))
+  np.testing.assert_array_equal(off, [[6, 7, 0, 1, 2]])
+  np.testing.assert_array_equal(starts, [[False, False, True, False, False]])
+  target = jnp.arange(10.0).reshape(1, 5, 2)
+  pred = jnp.ones((1, 5, 2))
+  e = bmojo.innovation_score(target, pred, jnp.full((1, 2), 2.0), starts)
+  expected = [(0 - 2) ** 2 + (1 - 2) ** 2, 1 ** 2 + 2 ** 2, 4 ** 2 + 5 ** 2, 5 ** 2 + 6 ** 2, 7 ** 2 + 8 ** 2]
+  np.testing.assert_allclose(e[0], expected)
+
+
+def test_bad_configs_raise_naming_the_field():
+  with pytest.raises(ValueError, match="k_sel"):
+    bmojo.check_config(4, 4, 3, 8)
+  with pytest.raises(ValueError, match="k_sel"):
+    bmojo.check_config(4, 2, 3, 6)
+  with pytest.raises(ValueError, match="window"):
+    bmojo.check_config(0, 2, 1, 2)
+  memory = bmojo.init_memory(1, window=2, chunk_size=2, k_sel=1, memory_size=2, kv_heads=1, head_dim=2)
+  x = jnp.zeros((1, 3, 1, 2))
+  with pytest.raises(ValueError, match="window"):
+    bmojo.bmojo_attention(x, x, x, x, x, memory, window=3, score=jnp.zeros((1, 3)), chunk_size=2, k_sel=1)
+  with pytest.raises(ValueError, match="score"):
+    bmojo.bmojo_attention(x, x, x, x, x, memory, window=2, chunk_size=2, k_sel=1)
