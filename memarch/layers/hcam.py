@@ -110,6 +110,12 @@ class HCAMRead(nn.Module):
         out=w("out", (h, dk, f), ("heads", "kv", "embed"), variance_scaling(s, in_axis=(0, 1), out_axis=2)),
         out_bias=w("out_bias", (f,), ("embed",), zeros))
     queries, contents, *leaves = nn.dtypes.promote_dtype(queries, contents, *params, dtype=as_dtype(self.dtype))
+    if self.is_mutable_collection("intermediates"):
+      # Optional, for inspection only (``mutable=["intermediates"]``): the chunks each query reads and their
+      # relevance weights, ``selection = (weights [b, q, k], indices [b, q, k])`` as the read computes them.
+      readable = mask if slot_mask is None else mask & slot_mask.any(-1)[:, None, :]
+      self.sow("intermediates", "selection", hcam_ops.select_chunks(
+          hcam_ops.HCAMParams(*leaves), queries, hcam_ops.chunk_means(contents, slot_mask), readable, self.top_k))
     return hcam_ops.hcam_read(
         hcam_ops.HCAMParams(*leaves), queries, contents, mask, top_k=self.top_k, slot_mask=slot_mask,
         path=self.path, stop_gradient_memory=self.stop_gradient_memory,
