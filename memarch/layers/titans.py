@@ -245,9 +245,10 @@ class NeuralMemoryState(NamedTuple):
   Attributes:
     conv: state of the causal depthwise conv over the concatenated q/k/v projections (None without conv).
     memory: the `memarch.ops.titans.MemoryState` (fast weights, momentum, window reference, pending chunk).
-    restart: [b] bool, the memory must be reset to (W_0, 0) before its next chunk is processed: set by
-      `init_state` (which cannot read W_0, a parameter) and when a document started at the head of the pending
-      chunk (the op forgets a document start that is still pending at the end of a call).
+    restart: [b] bool, the memory must be set to (W_0, 0) before its next chunk is processed: set only by
+      `init_state`, which cannot read W_0 (a parameter). A document start that is still pending at the end of a
+      call needs no flag: the op resets the carried state when it reaches that chunk's first slot, so the
+      returned state is already (W_0, 0) with a fresh gradient window.
   """
   conv: ConvState | None
   memory: titans_ops.MemoryState
@@ -470,7 +471,7 @@ class NeuralMemory(nn.Module):
       gates: float32 (theta, eta, alpha), each [b, t, H].
       params: the `MemoryParams`.
       state: the carried `NeuralMemoryState` (its `conv` is ignored).
-      starts: [b, t] bool document starts (for the `restart` bookkeeping).
+      starts: [b, t] bool document starts (unused: the op handles them; kept for callers).
       segment_ids: [b, t] document ids or None.
       return_aux: also return the per-chunk diagnostics of `lmm_chunked`.
 
@@ -481,8 +482,8 @@ class NeuralMemory(nn.Module):
     sd = as_dtype(self.state_dtype)
     b, t = q.shape[:2]
     mem = state.memory
-    # A pending restart (fresh state, or a document start at the head of the pending chunk): back to (W_0, 0) and
-    # a fresh gradient window, exactly what the op does for a document start at a chunk boundary.
+    # A fresh state (from `init_state`): back to (W_0, 0) and a fresh gradient window, exactly what the op does
+    # for a document start at a chunk boundary.
     fresh = titans_ops.init_state(params, b, config, dtype=sd)
     mem = mem._replace(
         weights=_tree_select(state.restart, fresh.weights, mem.weights),
@@ -497,12 +498,10 @@ class NeuralMemory(nn.Module):
     else:
       out = titans_ops.lmm_chunked(*args, mem, segment_ids, params=params, config=config, return_aux=return_aux)
       y, new_mem, aux = out if return_aux else out + (None,)
-    # The (< c) pending tokens start at call position t - n_pending; if that token starts a document, the op will
-    # not remember it, so the restart is re-applied at the next call.
-    head = t - new_mem.n_pending
-    at_head = jnp.take_along_axis(starts, jnp.clip(head, 0, t - 1)[:, None], axis=1)[:, 0]
-    restart = (new_mem.n_pending > 0) & (head >= 0) & at_head
-    return (y, new_mem, restart) + ((aux,) if return_aux else ())
+    # A document start in the pending chunk already reset the returned state (the op applies it at the chunk's
+    # first slot, complete or not), so nothing is left to restart.
+    del starts
+    return (y, new_mem, jnp.zeros_like(state.restart)) + ((aux,) if return_aux else ())
 
   def __call__(self, x: Array, *, segment_ids: Array | None = None, state: NeuralMemoryState | None = None,
                return_aux: bool = False):

@@ -606,7 +606,9 @@ def lmm_chunked(
   Chunk and window phase are global: they depend on the absolute position in the stream, so a left-padded
   sequence equals the unpadded one only if the padding is a multiple of b (or b = c = 1). Document starts
   (changes of `segment_ids`) must be chunk-aligned; they reset (M, S) to (W_0, 0) and restart the gradient window
-  (checked eagerly when the inputs are concrete; under `jit` a misaligned start is undefined).
+  (checked eagerly when the inputs are concrete; under `jit` a misaligned start is undefined). A start at the head
+  of the trailing incomplete chunk is applied when the call reaches that chunk, complete or not, so the returned
+  state is already (W_0, 0) with a fresh window and the later calls that complete the chunk need no flag.
 
   Args:
     q: Queries [B, T, H, d].

@@ -235,6 +235,68 @@ def test_streaming_chunk_by_chunk_equals_full():
   assert int(st_full.n_pending[0]) == length % 8
 
 
+def _pending_start_case(depth):
+  """c = 4, b = 8, documents starting at 12 (mid-window) and 20 of a 22-token stream."""
+  config = titans.LMMConfig(depth=depth, expansion=2, chunk_size=4, ttt_batch_size=8)
+  length = 22
+  inp = _inputs(30, 2, length, 2, 4, theta_max=0.3)
+  params = _params(31, 2, 4, config)
+  seg = jnp.asarray(np.select([np.arange(length) < 12, np.arange(length) < 20], [1, 2], 3))[None].repeat(2, 0)
+  return config, inp, params, seg
+
+
+def test_document_start_in_pending_chunk_survives_uneven_calls():
+  # Given calls [0, 5) [5, 8) [8, 13) [13, 18) [18, 21) [21, 22): [8, 13) ends with the start at 12 alone in the
+  # pending chunk, [13, 18) completes that chunk, and [18, 21) ends with the start at 20 pending (linear memory:
+  # the reset logic does not depend on the depth, and it compiles fastest).
+  config, inp, params, seg = _pending_start_case(depth=1)
+  state = titans.init_state(params, 2, config)
+  ys, states, start = [], [], 0
+  for stop in (5, 8, 13, 18, 21, 22):  # three call lengths: 5, 3 and 1 tokens
+    y, st = _call(titans.lmm_chunked, _slice(inp, start, stop), states[-1] if states else state, params, config,
+                  segment_ids=seg[:, start:stop])
+    ys.append(y)
+    states.append(st)
+    start = stop
+  # When compared with one call over the whole stream.
+  y_full, st_full = _call(titans.lmm_chunked, inp, state, params, config, segment_ids=seg)
+  # Then outputs and the final state agree.
+  _assert_tree_close(jnp.concatenate(ys, axis=1), y_full, 1e-5)
+  _assert_tree_close(states[-1], st_full, 1e-5)
+  # And a start waiting in the pending chunk has already reset the carried state to (W_0, 0) in a fresh window.
+  for after in (states[2], states[4]):
+    assert after.n_pending.tolist() == [1, 1]
+    w0 = jax.tree.map(lambda w: jnp.broadcast_to(w[None], (2,) + w.shape), params.weights)
+    _assert_tree_close((after.weights, after.ref_weights), (w0, w0), 0.0)
+    assert float(max(jnp.max(jnp.abs(m)) for m in jax.tree.leaves(after.momentum))) == 0.0
+    assert after.window_phase.tolist() == [0, 0]
+
+
+@pytest.mark.slow  # compiles the backward pass of six streaming calls (minutes on a loaded 2-core CPU)
+def test_document_start_in_pending_chunk_gradients():
+  # Given the stream above, fed whole and in uneven calls (one ending with the start at 12 pending, one with the
+  # start at 20 pending), with a deep memory whose LayerNorm wrapper also gets gradients.
+  config, inp, params, seg = _pending_start_case(depth=2)
+
+  def loss(inp, params, cuts):
+    state, ys, start = titans.init_state(params, 2, config), [], 0
+    for stop in cuts + (22,):
+      y, state = titans.lmm_chunked(*(inp[n][:, start:stop] for n in _FIELDS), state, seg[:, start:stop],
+                                    params=params, config=config)
+      ys.append(y)
+      start = stop
+    y = jnp.concatenate(ys, axis=1)
+    final = jax.tree.leaves((state.weights, state.momentum))
+    return jnp.sum(jnp.sin(3.0 * y)) + sum(jnp.sum(jnp.cos(w)) for w in final), y
+
+  # When differentiating w.r.t. the inputs and the memory parameters (W_0 and the wrapper LayerNorm).
+  y_full, g_full = _compiled(lambda i, p: loss(i, p, ()), inp, params)
+  y_split, g_split = _compiled(lambda i, p: loss(i, p, (5, 8, 13, 18, 21)), inp, params)
+  # Then outputs and gradients agree.
+  _assert_tree_close(y_split, y_full, 1e-5)
+  _assert_tree_close(g_split, g_full, 1e-4)
+
+
 def test_token_by_token_equals_full():
   # Given c = 4, b = 8 and the jitted decode step.
   config = titans.LMMConfig(depth=2, expansion=2, chunk_size=4, ttt_batch_size=8)
