@@ -11,6 +11,10 @@ Tasks (``input_cfg.name``):
   builder), ``seq_len``, ``tokenizer="byte"`` (or a SentencePiece ``.model`` path),
   ``text_key="text"``, ``train_split="train"``, ``eval_split="test"``, ``data_dir``.
   ``split="train"`` reads ``train_split``; any other split name is passed to TFDS.
+* ``"ballet"``: supervised ballet-like recall (float32 [L, 93] frames, 8 slot classes), fields
+  in ``memarch.data.ballet_tfds.config_from_input``.
+* ``"facts"``: synthetic long-tail facts with a per-row ``route`` [levels] (spec/hmem.md §5),
+  fields in ``memarch.data.facts_tfds.config_from_input``.
 * Every other task is a *record task* (``register_task``): fixed-length records of a
   random-access source (a TFDS array_record builder), read by index like MQAR. Its
   module documents its fields.
@@ -368,6 +372,15 @@ def _mqar_source(input_cfg: Any, split: str, data_dir: str):
 
 
 register_task("mqar", RecordTask(_mqar_info, _mqar_source))
+# Single-needle pass-key retrieval (RULER S-NIAH, Titans Table 2); fields in niah_tfds.config_from_input.
+register_task("niah", RecordTask(lazy("memarch.data.niah_tfds", "task_info"),
+                                 lazy("memarch.data.niah_tfds", "data_source")))
+# Supervised ballet-like recall (spec hcam.md §11.2); fields in ballet_tfds.config_from_input.
+register_task("ballet", RecordTask(lazy("memarch.data.ballet_tfds", "task_info"),
+                                   lazy("memarch.data.ballet_tfds", "data_source")))
+# Synthetic long-tail facts with routes (spec hmem.md §5); fields in facts_tfds.config_from_input.
+register_task("facts", RecordTask(lazy("memarch.data.facts_tfds", "task_info"),
+                                  lazy("memarch.data.facts_tfds", "task_source")))
 
 
 def _text_source(input_cfg: Any, split: str, data_dir: str):
