@@ -88,6 +88,20 @@ class StopRequest:
     return bool(multihost_utils.process_allgather(self.requested).any())
 
 
+def generic_probability(config: Any, model: Any) -> float:
+  """``config.memory.p_generic``: per-row probability of the generic memory in training (spec hmem.md §1.5).
+
+  Defaults to 1/17 for a model with a routed memory (``model.mlp="hmem"``) and 0 otherwise.
+  """
+  default = 1.0 / 17.0 if getattr(model, "route_depth", 0) else 0.0
+  memory = config.get("memory") or {}
+  p = memory.get("p_generic", default)
+  p = default if p is None else float(p)
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"memory.p_generic={p} must be in [0, 1]")
+  return p
+
+
 @jax.jit
 def _add(acc: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return jax.tree.map(lambda a, b: a + b, acc, new)
@@ -121,6 +135,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
 
   model = models.get_model(config.model_name, **config.model)
   tx, schedule = optim.make_optimizer(config.optax, config.total_steps)
+  p_generic = generic_probability(config, model)
 
   # Both outside the mesh context: the peak runs on one device, and the FLOP count traces the model unsharded.
   peak = metrics.total_peak(metrics.measure_matmul_peak(dtype=config.model.get("dtype") or "float32"))
@@ -128,11 +143,13 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("act_batch", None), mesh, rules)
-    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules, (batch_size, seq_len))
+    # Token ids (b, L) or float feature vectors (b, L, F); validate() checked model.input_features against the task.
+    batch_shape = (batch_size, seq_len) + ((info.input_features,) if info.input_features else ())
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules, batch_shape)
     manager = checkpoint.make_manager(workdir, config.keep_ckpts)
     state = checkpoint.restore_latest(manager, abstract, train_iter)
     if state is None:
-      state = state_lib.create_state(model, tx, shardings, config.seed, (batch_size, seq_len))
+      state = state_lib.create_state(model, tx, shardings, config.seed, batch_shape)
     if is_main:
       metrics.log_param_overview(state["params"])
 
@@ -144,7 +161,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
       traces.append(1)
       if len(traces) > 1:
         raise RuntimeError("train step traced again: the state or batch changed shape/dtype/sharding between steps")
-      return step_lib.train_step(state, batch, model=model, tx=tx, schedule=schedule)
+      return step_lib.train_step(state, batch, model=model, tx=tx, schedule=schedule, p_generic=p_generic)
 
     step_fn = jax.jit(train_step,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),

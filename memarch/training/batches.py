@@ -8,6 +8,7 @@ import numpy as np
 from memarch.training import step as step_lib
 
 KEYS = ("inputs", "targets", "segment_ids", "positions")
+OPTIONAL_KEYS = ("route",)  # per-row int32 fields kept when the task provides them (facts: [b, depth] tree path)
 
 
 def pad_local(local: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -36,13 +37,17 @@ def make_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
   """Assembles this process's slice into global arrays sharded over the batch axis.
 
   Args:
-    local: ``{"inputs", "targets", "segment_ids", "positions"}`` int32[b, L] with b = global // process_count.
+    local: ``{"inputs", "targets", "segment_ids", "positions"}`` int32[b, L] with b = global // process_count;
+      float ``inputs`` (features [b, L, F]) stay float32.
     sharding: the batch sharding (batch axis over the data-parallel mesh axes).
     global_batch_size: the global batch size.
 
   Returns:
-    Global ``jax.Array``s of shape [global_batch_size, L].
+    Global ``jax.Array``s of shape [global_batch_size, L] (inputs [global_batch_size, L, F] for features).
   """
-  local = pad_local({k: np.asarray(local[k], np.int32) for k in KEYS}, global_batch_size // jax.process_count())
+  cast = lambda k, v: np.asarray(v, np.float32 if k == "inputs" and np.issubdtype(v.dtype, np.floating)  # noqa: E731
+                                 else np.int32)
+  keys = KEYS + tuple(k for k in OPTIONAL_KEYS if k in local)
+  local = pad_local({k: cast(k, np.asarray(local[k])) for k in keys}, global_batch_size // jax.process_count())
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
           for k, v in local.items()}

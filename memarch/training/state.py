@@ -15,13 +15,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-def _init_params(model: nn.Module, rng: jax.Array, batch_shape: tuple[int, int]) -> Any:
-  """Returns the model's boxed params for a dummy token batch."""
-  return model.init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+def _init_params(model: nn.Module, rng: jax.Array, batch_shape: tuple[int, ...]) -> Any:
+  """Returns the model's boxed params for a dummy batch: int32 tokens ``(b, L)`` or float32 features ``(b, L, F)``."""
+  dtype = jnp.int32 if len(batch_shape) == 2 else jnp.float32
+  # Models with a routed memory take an int32 [b, depth] route; zeros (the first node of each level) suffice.
+  route = model.dummy_route(batch_shape[0]) if hasattr(model, "dummy_route") else None
+  kwargs = {} if route is None else {"route": route}
+  return model.init(rng, jnp.zeros(batch_shape, dtype), **kwargs)["params"]
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: Any,
-                    batch_shape: tuple[int, int]) -> tuple[Any, Any]:
+                    batch_shape: tuple[int, ...]) -> tuple[Any, Any]:
   """Returns the abstract state (ShapeDtypeStructs carrying shardings) and the matching tree of NamedShardings.
 
   Args:
@@ -29,7 +33,8 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: ja
     tx: the optimizer.
     mesh: the device mesh.
     rules: logical axis rules, already restricted to ``mesh``'s axes.
-    batch_shape: ``(batch, seq_len)`` of a dummy input for initialisation.
+    batch_shape: ``(batch, seq_len)`` of a dummy token input for initialisation, or ``(batch, seq_len, F)`` for
+      float feature inputs.
 
   Returns:
     ``(abstract_state, shardings)``, both dicts shaped like the state.
@@ -52,7 +57,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: ja
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Any, seed: int,
-                 batch_shape: tuple[int, int]) -> dict[str, Any]:
+                 batch_shape: tuple[int, ...]) -> dict[str, Any]:
   """Initialises the train state directly into its shardings (no full copy on any one device).
 
   Args:
@@ -60,7 +65,7 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, shardings: 
     tx: the optimizer.
     shardings: the state's NamedShardings from :func:`state_shardings`.
     seed: the run seed; params use ``fold_in(key(seed), 0)``, the step key ``fold_in(key(seed), 1)``.
-    batch_shape: ``(batch, seq_len)`` of a dummy input.
+    batch_shape: ``(batch, seq_len)`` of a dummy token input, or ``(batch, seq_len, F)`` for feature inputs.
 
   Returns:
     The state dict, sharded.

@@ -1,5 +1,9 @@
 """The jitted train and eval steps, the loss and the metrics.
 
+Batches with a ``route`` (int32 [B, depth] per-level tree paths, e.g. the facts task) pass it to the model's
+memory; at training time each row's route is replaced by the generic memory's (-1) with probability ``p_generic``
+(co-training, spec hmem.md §1.5) using the state's key folded with the step. Evaluation never mixes.
+
 Loss: cross-entropy averaged over labelled tokens (targets != -100). Accuracy is measured at labelled positions
 only, two ways: ``accuracy`` is zoology's (the mean over labelled positions within each example, then the mean over
 examples that have labels) and ``token_accuracy`` pools all labelled tokens of the batch.
@@ -15,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from memarch.ops import memory_bank
 
 IGNORE = -100
 
@@ -56,32 +62,44 @@ def summarize(stats: dict[str, Any]) -> dict[str, float]:
           "token_accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0)}
 
 
-def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: jax.Array | None = None) -> jax.Array:
   kwargs = {"segment_ids": batch["segment_ids"]}
+  accepted = inspect.signature(type(model).__call__).parameters
   # Models that derive positions from segment_ids take no `positions` argument.
-  if "positions" in inspect.signature(type(model).__call__).parameters:
+  if "positions" in accepted:
     kwargs["positions"] = batch["positions"]
+  route = batch.get("route") if route is None else route
+  if route is not None and "route" in accepted:
+    kwargs["route"] = route
   logits, _ = model.apply({"params": params}, batch["inputs"], **kwargs)
   return logits
 
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: Callable) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, schedule: Callable,
+               p_generic: float = 0.0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimizer step (jit it with the state donated).
 
   Args:
     state: ``{"params", "opt", "step", "rng"}``.
-    batch: global arrays ``inputs``, ``targets``, ``segment_ids``, ``positions``.
+    batch: global arrays ``inputs``, ``targets``, ``segment_ids``, ``positions`` and optionally ``route``.
     model: the linen model.
     tx: the optimizer.
     schedule: step -> learning rate (for the ``lr`` metric).
+    p_generic: probability per row of routing to the generic memory (``config.memory.p_generic``); the key is
+      ``fold_in(state["rng"], step)``.
 
   Returns:
     ``(new_state, metrics)`` with metrics ``loss``, ``accuracy``, ``token_accuracy``, ``l2_grads``, ``l2_params``,
     ``l2_updates``, ``lr``.
   """
+  route = batch.get("route")
+  if route is not None and p_generic > 0:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    route = memory_bank.mix_generic(route, key, p_generic)
+
   def loss_fn(params):
-    stats = batch_stats(_forward(model, params, batch), batch["targets"])
+    stats = batch_stats(_forward(model, params, batch, route), batch["targets"])
     return stats["nll"] / jnp.maximum(stats["tokens"], 1.0), stats
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

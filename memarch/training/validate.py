@@ -105,6 +105,10 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
             model.validate(length)
           except ValueError as e:
             errors.append(f"input.seq_len={seq_len}: the {split} eval split has length {length}: {e}")
+    features = config.model.get("input_features")
+    if features != info.input_features:
+      errors.append(f"model.input_features={features!r} does not match task {info.name!r}, whose inputs are "
+                    + (f"{info.input_features}-dim feature vectors" if info.input_features else "token ids (None)"))
     vocab = config.model.get("vocab_size")
     if not isinstance(vocab, int) or vocab < info.vocab_size:
       errors.append(f"model.vocab_size={vocab!r} is too small for task {info.name!r}, which needs "

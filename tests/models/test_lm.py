@@ -84,7 +84,7 @@ def test_bf16_activations_keep_fp32_params_and_state():
   variables = model.init(jax.random.key(1), tokens)
   logits, states = model.apply(variables, tokens)
   assert logits.dtype == jnp.float32
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.meta.unbox(variables)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   assert all(s.k.dtype == jnp.float32 for s in states.values())
   ref, _ = _model(["attention", "sliding_window"]).apply(variables, tokens)
   np.testing.assert_allclose(logits, ref, atol=5e-2)
@@ -154,3 +154,96 @@ def test_bad_model_configs_raise_naming_the_field():
   with pytest.raises(ValueError, match="num_layers"):
     LMConfig(vocab_size=10, num_layers=3, mixers=("attention",))
   assert isinstance(get_model("lm", vocab_size=10), Model)
+
+
+def test_feature_inputs_full_forward_equals_step_decode():
+  # Given an LM over float feature vectors (a linear embedding, an untied head) with HCAM and windowed layers
+  model = _model(["hcam", "sliding_window"], input_features=5,
+                 mixer_options={"hcam": dict(chunk_size=2, top_k=2, max_chunks=8)})
+  assert not model.config.tie_embeddings  # feature inputs untie the head by rule
+  x = jax.random.normal(jax.random.key(0), (2, 11, 5))
+  variables = nn.meta.unbox(model.init(jax.random.key(1), x))
+  assert "embedding" not in variables["params"] and variables["params"]["input_proj"].shape == (5, 32)
+  apply = jax.jit(model.apply)
+  # When run whole and frame by frame with carried states
+  full, _ = apply(variables, x)
+  states, steps = model.init_state(2), []
+  for t in range(11):
+    logits, states = apply(variables, x[:, t:t + 1], states=states)
+    steps.append(logits)
+  # Then both agree, and token-only paths refuse feature models
+  assert full.shape == (2, 11, 37)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="generate: needs a token model"):
+    generate(model, variables, x, 3)
+  with pytest.raises(ValueError, match="input_features=5 expects inputs"):
+    model.apply(variables, jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="model.tie_embeddings=True needs token inputs"):
+    _model(["attention"], input_features=5, tie_embeddings=True)
+  assert model.param_count() == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables))
+
+
+def _hmem_lm(**kw):
+  return Model(vocab_size=32, variant=None, d_model=32, num_layers=2, num_heads=2, mlp_hidden=64, **kw)
+
+
+def test_hmem_lm_at_init_equals_the_swiglu_lm_and_the_route_matters():
+  # Given a SwiGLU LM and the same LM with hierarchical memory FFNs, sharing the anchor params.
+  opts = (("branching", 4), ("ranks", (8, 4)))
+  dense, hmem = _hmem_lm(mlp="swiglu"), _hmem_lm(mlp="hmem", memory_options=opts)
+  tokens = jax.random.randint(jax.random.key(0), (3, 7), 0, 32)
+  route = jnp.array([[0, 1], [3, 15], [2, 9]], jnp.int32)
+  pd = nn.meta.unbox(dense.init(jax.random.key(1), tokens))["params"]
+  ph = nn.meta.unbox(hmem.init(jax.random.key(2), tokens, route=route))["params"]
+  for i in range(2):
+    ph[f"block_{i}"]["mlp"]["anchor"] = pd[f"block_{i}"]["mlp"]
+    for name in ("mixer", "mixer_norm", "mlp_norm"):
+      ph[f"block_{i}"][name] = pd[f"block_{i}"][name]
+  ph["embedding"], ph["final_norm"] = pd["embedding"], pd["final_norm"]
+  fwd = jax.jit(lambda m, p, r: m.apply({"params": p}, tokens, route=r)[0], static_argnums=0)
+  want = fwd(dense, pd, None)
+  # Then at init (zero down-projections) the memory has no effect, for any route, generic included.
+  for r in (route, route[::-1], jnp.full_like(route, -1)):
+    np.testing.assert_array_equal(np.asarray(fwd(hmem, ph, r)), np.asarray(want))
+  # And once the bank's down-projections are perturbed, the route changes the output.
+  key = jax.random.key(3)
+  for i in range(2):
+    for name in ("down_1", "down_2"):
+      key, sub = jax.random.split(key)
+      leaf = ph[f"block_{i}"]["mlp"][name]
+      ph[f"block_{i}"]["mlp"][name] = 0.5 * jax.random.normal(sub, leaf.shape)
+  a, b = fwd(hmem, ph, route), fwd(hmem, ph, route.at[0, 1].set(2))
+  assert float(jnp.abs(a[0] - b[0]).max()) > 1e-3  # row 0's level-2 block changed
+  np.testing.assert_allclose(np.asarray(a[1:]), np.asarray(b[1:]), atol=1e-6)  # other rows untouched
+  assert float(jnp.abs(a - want).max()) > 1e-3
+
+
+def test_hmem_and_pkm_configs_count_params_and_active_flops():
+  opts = {"branching": 4, "ranks": [8, 4]}
+  base, hmem = _hmem_lm(), _hmem_lm(mlp="hmem", memory_options=opts, memory_layers=(1,))
+  d, units = 32, 12
+  bank = 3 * d * (8 * 4 + 4 * 16) + 3 * d * units  # level tables + the generic block, in layer 1 only
+  assert hmem.param_count() == base.param_count() + bank
+  # Only the fetched units are active: one path (or the generic block) of 3 d R parameters.
+  assert hmem.flops_per_token(7) == base.flops_per_token(7) + 6 * 3 * d * units
+  pkm = _hmem_lm(pkm_layers=(0,), pkm_options={"n_keys": 8, "heads": 2, "knn": 4, "k_dim": 8})
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  logits, _ = jax.jit(lambda p: pkm.apply(p, tokens))(pkm.init(jax.random.key(0), tokens))
+  assert logits.shape == (2, 5, 32)
+  values = 64 * d
+  assert pkm.flops_per_token(7) == pytest.approx(
+      base.flops_per_token(7) + 6 * (pkm.param_count() - base.param_count() - values + 2 * 4 * d))
+
+
+def test_hmem_bad_configs_raise_naming_the_field():
+  with pytest.raises(ValueError, match="model.memory_options"):
+    _ = _hmem_lm(mlp="hmem", memory_options={"rank": 3}).config
+  with pytest.raises(ValueError, match="model.pkm_options"):
+    _ = _hmem_lm(pkm_layers=(0,), pkm_options={"slots": 3}).config
+  with pytest.raises(ValueError, match="model.pkm_layers"):
+    _ = _hmem_lm(pkm_layers=(5,)).config
+  m = _hmem_lm(mlp="hmem", memory_options={"branching": 4, "ranks": (8, 4)})
+  with pytest.raises(ValueError, match="needs route"):
+    m.init(jax.random.key(0), jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="route must be"):
+    m.init(jax.random.key(0), jnp.zeros((2, 3), jnp.int32), route=jnp.zeros((2, 1), jnp.int32))
