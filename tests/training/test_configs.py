@@ -27,7 +27,13 @@ def test_config_validates_in_both_variants(name):
     validate.validate(module.get_config(arg))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# The heaviest compiles whose model is already trained end to end by a sibling config (the text MAC by
+# configs.niah.titans_mac, MAG / MAL by their NIAH siblings' layer tests): run with ``-m slow``.
+_SLOW_RUNS = ("configs.text.titans_mac", "configs.niah.titans_mag", "configs.niah.titans_mal")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_RUNS else n
+                                  for n in CONFIGS])
 def test_runlocal_trains_two_steps(name, tmp_path):
   config = importlib.import_module(name).get_config("runlocal")
   config.total_steps, config.log_every, config.eval_every, config.ckpt_every = 2, 1, 2, 2
