@@ -3,11 +3,11 @@ r"""Titans: memarch's LMM and MAC side by side with titans-pytorch 0.5.5 (spec t
   python benchmarks/titans.py [--quick] [--plot out.png]
 
 titans-pytorch is a benchmark-only peer, never a memarch dependency. To run both sides in one process, make an
-environment outside the repository that sees memarch's packages and add the peer to it::
+environment (git-ignored) that sees memarch's packages and add the peer to it::
 
-  python -m venv --system-site-packages /tmp/peer-venv
-  /tmp/peer-venv/bin/pip install torch==2.13.0 titans-pytorch==0.5.5   # the CPU wheel is enough
-  /tmp/peer-venv/bin/python benchmarks/titans.py
+  python -m venv --system-site-packages .venv-peer
+  .venv-peer/bin/pip install torch==2.13.0 titans-pytorch==0.5.5   # the CPU wheel is enough
+  .venv-peer/bin/python benchmarks/titans.py
 
 Without torch / titans_pytorch the peer columns read "-" and a line says it was skipped.
 
