@@ -208,21 +208,7 @@ def config_from_input(input_cfg) -> BalletConfig:
   """
   from memarch.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  std_name = pipeline.cfg_get(input_cfg, "builder_config", None)
-  std = {}
-  if std_name is not None:
-    by_name = {c.name: c for c in STANDARD_CONFIGS}
-    if std_name not in by_name:
-      raise ValueError(f"input.builder_config: unknown {std_name!r}; known: {', '.join(by_name)}")
-    std = {f: getattr(by_name[std_name], "seed" if f == "data_seed" else f) for f, _ in _TASK_FIELDS}
-  fields = {}
-  for field, default in _TASK_FIELDS:
-    value = pipeline.cfg_get(input_cfg, field, std.get(field, default))
-    if value is None:
-      raise ValueError(f"input.{field}: required")
-    if field in std and value != std[field]:
-      raise ValueError(f"input.{field}: {value!r} disagrees with builder_config {std_name!r} ({std[field]!r})")
-    fields["seed" if field == "data_seed" else field] = value
+  fields = pipeline.resolve_fields(input_cfg, _TASK_FIELDS, STANDARD_CONFIGS)
   if not 0 <= fields["seed"] < ballet.TEST_SEED_OFFSET:
     raise ValueError(f"input.data_seed: must be in [0, 2^31), got {fields['seed']}")
   cfg = BalletConfig.from_fields(**fields)

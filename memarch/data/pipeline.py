@@ -156,6 +156,43 @@ def cfg_get(cfg: Any, field: str, default: Any = _MISSING) -> Any:
   return value
 
 
+def resolve_fields(input_cfg: Any, task_fields: tuple[tuple[str, Any], ...], standard_configs: Any,
+                   required: Any = None) -> dict[str, Any]:
+  """Reads a record task's fields, with ``builder_config`` naming a standard config whose fields then apply.
+
+  Args:
+    input_cfg: the ``input`` section of the experiment config.
+    task_fields: ``(field, default)`` pairs; a default equal to ``required`` means the field must be given (by
+      the input config or the standard config).
+    standard_configs: the task's standard builder configs (attributes named like the fields; ``data_seed`` is
+      read from ``seed``).
+    required: the sentinel default that marks a required field.
+
+  Returns:
+    ``{field: value}``, with ``data_seed`` returned as ``seed``.
+
+  Raises:
+    ValueError: ``input.builder_config`` unknown, a required field missing, or a field that disagrees with the
+      named standard config.
+  """
+  std_name = cfg_get(input_cfg, "builder_config", None)
+  std = {}
+  if std_name is not None:
+    by_name = {c.name: c for c in standard_configs}
+    if std_name not in by_name:
+      raise ValueError(f"input.builder_config: unknown {std_name!r}; known: {', '.join(by_name)}")
+    std = {f: getattr(by_name[std_name], "seed" if f == "data_seed" else f) for f, _ in task_fields}
+  fields = {}
+  for field, default in task_fields:
+    value = cfg_get(input_cfg, field, std.get(field, default))
+    if field in std and value != std[field]:
+      raise ValueError(f"input.{field}: {value!r} disagrees with builder_config {std_name!r} ({std[field]!r})")
+    if value is required:
+      raise ValueError(f"input.{field}: required")
+    fields["seed" if field == "data_seed" else field] = value
+  return fields
+
+
 def _task_name(input_cfg: Any) -> str:
   name = cfg_get(input_cfg, "name")
   if name not in known_tasks():
@@ -181,26 +218,9 @@ def mqar_fields(input_cfg: Any) -> dict[str, Any]:
   Raises:
     ValueError: naming the bad or missing field.
   """
-  std_name = cfg_get(input_cfg, "builder_config", None)
-  std = {}
-  if std_name is not None:
-    from memarch.data import mqar_tfds  # pylint: disable=g-import-not-at-top
+  from memarch.data import mqar_tfds  # pylint: disable=g-import-not-at-top
 
-    by_name = {c.name: c for c in mqar_tfds.STANDARD_CONFIGS}
-    if std_name not in by_name:
-      raise ValueError(f"input.builder_config: unknown {std_name!r}; known: "
-                       f"{', '.join(by_name)}")
-    std = {f: getattr(by_name[std_name], "seed" if f == "data_seed" else f)
-           for f, _ in _MQAR_FIELDS}
-  fields = {}
-  for field, default in _MQAR_FIELDS:
-    value = cfg_get(input_cfg, field, std.get(field, default))
-    if field in std and value != std[field]:
-      raise ValueError(f"input.{field}: {value!r} disagrees with builder_config "
-                       f"{std_name!r} ({std[field]!r})")
-    if value is _MISSING:
-      raise ValueError(f"input.{field}: required")
-    fields["seed" if field == "data_seed" else field] = value
+  fields = resolve_fields(input_cfg, _MQAR_FIELDS, mqar_tfds.STANDARD_CONFIGS, required=_MISSING)
   mqar.check_args(fields["vocab_size"], fields["seq_len"], fields["num_kv_pairs"],
                   fields["num_passes"], fields["power_a"], prefix="input.")
   for field in ("num_train", "num_test"):
