@@ -11,7 +11,8 @@ cached keys never need re-rotation (RoPE is relative).
 
 Persistent memory (Titans eq. 19) is ``num_persistent`` learned vectors in model space, projected by the same
 ``W_K`` / ``W_V`` as the tokens and visible to every query: ``attention([p_1 .. p_P || x])`` without the prefix
-taking part in the output length or the cache.
+taking part in the output length or the cache. A block that shares its persistent vectors with another branch
+(Titans MAG / MAL, whose memory also absorbs them) owns them and passes them in through ``persistent=``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import jax.numpy as jnp
 from memarch.layers.common import CausalConv1D, ConvState, DType, as_dtype, variance_scaling
 from memarch.ops import attention as attn_ops
 from memarch.typing import Array
+
+# Persistent vectors live in the block's post-norm input space; N(0, 0.02) as in Titans spec §6.
+PERSISTENT_INIT_STDDEV = 0.02
 
 
 class KVCache(NamedTuple):
@@ -55,7 +59,8 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: key/value heads (default ``num_heads``; fewer gives GQA).
     window: if set, each query sees only the ``window`` most recent tokens (itself included) and the cache holds
       ``window - 1`` tokens.
-    num_persistent: learned persistent-memory vectors visible to every query (Titans eq. 19); 0 disables.
+    num_persistent: learned persistent-memory vectors visible to every query (Titans eq. 19), initialised
+      N(0, 0.02); 0 disables (vectors owned by the caller can still be passed to ``__call__``).
     max_len: cache slots of full attention (the longest prefill + decode a state can hold).
     conv_width: if > 0, a causal depthwise convolution of this width mixes each input with its predecessors before
       the q/k/v projections (a "short convolution", as in H3 / Based): a key can then carry the identity of the
@@ -136,14 +141,16 @@ class MultiHeadAttention(nn.Module):
     return 2 * self.cache_slots() * kv * e + conv
 
   @nn.compact
-  def __call__(self, x: Array, *, segment_ids: Array | None = None,
-               state: KVCache | None = None) -> tuple[Array, KVCache]:
+  def __call__(self, x: Array, *, segment_ids: Array | None = None, state: KVCache | None = None,
+               persistent: Array | None = None) -> tuple[Array, KVCache]:
     """Attends causally over the cache and the new tokens.
 
     Args:
       x: [b, t, d] inputs.
       segment_ids: [b, t] document ids (None: one document, id 0).
       state: KV cache from a previous call (None: empty cache).
+      persistent: [N_p, d] persistent vectors owned by the caller, visible to every query like the module's own
+        (only with ``num_persistent == 0``).
 
     Returns:
       ``(y, new_state)``: output [b, t, d] and the cache after the last token.
@@ -179,9 +186,13 @@ class MultiHeadAttention(nn.Module):
       k = attn_ops.rope(k, positions, max_wavelength=self.rope_max_wavelength)
 
     prefix_k = prefix_v = None
+    if persistent is not None and (self.num_persistent or persistent.ndim != 2 or persistent.shape[1] != d):
+      raise ValueError(f"MultiHeadAttention: persistent must be [N_p, {d}] with num_persistent=0, got shape "
+                       f"{persistent.shape} and num_persistent={self.num_persistent}")
     if self.num_persistent:
       persistent = self.param("persistent", nn.with_logical_partitioning(
-          nn.initializers.normal(stddev=1.0), (None, "embed")), (self.num_persistent, d), pd)
+          nn.initializers.normal(stddev=PERSISTENT_INIT_STDDEV), (None, "embed")), (self.num_persistent, d), pd)
+    if persistent is not None:
       persistent = persistent.astype(x_c.dtype)
       # No RoPE on the prefix; it is scored with the unrotated queries (relative distance 0, see the op).
       prefix_k = jnp.einsum("pd,dhe->phe", persistent, wk)

@@ -112,14 +112,17 @@ class CausalConv1D(nn.Module):
   state_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, segment_ids: Array | None = None,
-               state: ConvState | None = None) -> tuple[Array, ConvState]:
+  def __call__(self, x: Array, *, segment_ids: Array | None = None, state: ConvState | None = None,
+               prefix: Array | None = None) -> tuple[Array, ConvState]:
     """Convolves ``x`` [b, t, d] causally from ``state``.
 
     Args:
       x: inputs [b, t, d].
       segment_ids: document ids [b, t] (None: one document).
       state: previous inputs (None: zeros, i.e. start of sequence).
+      prefix: optional [width - 1, d] inputs that precede every document (oldest first): taps that reach before
+        a document's first token (or before the start of the sequence) read them instead of zeros, as if each
+        document were preceded by ``prefix`` (used by a Titans memory that absorbs persistent tokens, spec §6).
 
     Returns:
       ``(y, new_state)`` with ``y`` [b, t, d].
@@ -135,14 +138,27 @@ class CausalConv1D(nn.Module):
       prev_seg = jnp.where(state.segment_ids >= 0, 0, -1)
     else:
       prev_seg = state.segment_ids
+    if prefix is not None and prefix.shape != (self.width - 1, d):
+      raise ValueError(f"CausalConv1D: prefix must have shape {(self.width - 1, d)}, got {prefix.shape}")
+    if self.width == 1:
+      prefix = None
     xs = jnp.concatenate([state.inputs.astype(x.dtype), x], axis=1)  # [b, w-1+t, d]
     segs = jnp.concatenate([prev_seg, segment_ids], axis=1)
     xs, w = nn.dtypes.promote_dtype(xs, w, dtype=as_dtype(self.dtype))
     y = jnp.zeros((b, t, d), xs.dtype)
+    outside = jnp.zeros((b, t), jnp.int32)  # taps so far that fell before the document start
     for j in range(self.width):  # tap j looks j steps back
       start = self.width - 1 - j
-      same = (segs[:, start:start + t] == segment_ids)[..., None]
-      y = y + jnp.where(same, xs[:, start:start + t], 0) * w[self.width - 1 - j]
+      same = segs[:, start:start + t] == segment_ids
+      if prefix is None:
+        tap = jnp.where(same[..., None], xs[:, start:start + t], 0)
+      else:
+        # Documents are contiguous, so the outside taps of a token are its farthest ones: tap j reads prefix
+        # position -outside (the last prefix input is one step before the document).
+        outside = outside + (~same).astype(jnp.int32)
+        before = prefix.astype(xs.dtype)[jnp.clip(self.width - 1 - outside, 0, self.width - 2)]
+        tap = jnp.where(same[..., None], xs[:, start:start + t], before)
+      y = y + tap * w[self.width - 1 - j]
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,),
                         as_dtype(self.param_dtype))

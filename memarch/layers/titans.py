@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memarch.layers.attention import KVCache, MultiHeadAttention
+from memarch.layers.attention import PERSISTENT_INIT_STDDEV, KVCache, MultiHeadAttention
 from memarch.layers.common import CausalConv1D, ConvState, DType, RMSNorm, as_dtype, variance_scaling
 from memarch.ops import attention as attn_ops
 from memarch.ops import titans as titans_ops
@@ -197,7 +197,7 @@ def _tree_select(pred: Array, a: Any, b: Any) -> Any:
 
 
 class _Persistent(nn.Module):
-  """N_p learned persistent-memory vectors in model space (eq. 19), initialised N(0, 1) like the block input.
+  """N_p learned persistent-memory vectors in the block's (post-norm) input space (eq. 19), initialised N(0, 0.02).
 
   Attributes:
     num: N_p.
@@ -209,8 +209,9 @@ class _Persistent(nn.Module):
   @nn.compact
   def __call__(self, d: int) -> Array:
     """Returns the (N_p, d) vectors."""
-    return self.param("vectors", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (None, "embed")),
-                      (self.num, d), as_dtype(self.param_dtype))
+    return self.param("vectors", nn.with_logical_partitioning(nn.initializers.normal(stddev=PERSISTENT_INIT_STDDEV),
+                                                              (None, "embed")), (self.num, d),
+                      as_dtype(self.param_dtype))
 
 
 def _check_alignment(starts: Array, n_pending: Array, chunk_size: int) -> None:
@@ -417,30 +418,84 @@ class NeuralMemory(nn.Module):
 
   # -- the layer ----------------------------------------------------------------------------------------------------
 
-  def project(self, x: Array, segment_ids: Array | None, conv_state: ConvState | None
-              ) -> tuple[tuple[Array, ...], ConvState | None]:
+  def _raw_qkv(self, x: Array) -> Array:
+    """The concatenated q/k/v projections [b, t, 3 H e] before the conv."""
+    b, t, d = x.shape
+    h, e = self.dims(d)
+    return jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=2).reshape(b, t, 3 * h * e)
+
+  def project(self, x: Array, segment_ids: Array | None, conv_state: ConvState | None,
+              conv_prefix: Array | None = None) -> tuple[tuple[Array, ...], ConvState | None]:
     """q, k, v and the gates of spec §5 / §2.4 from ``x``.
 
     Args:
       x: [b, t, d] (already normalised) inputs.
       segment_ids: [b, t] document ids or None; the conv never mixes documents.
       conv_state: conv tails from a previous call (None: start of sequence).
+      conv_prefix: [conv_width - 1, 3 H e] conv inputs that precede every document (see `absorb`), or None.
 
     Returns:
       ``((q, k, v, theta, eta, alpha), new_conv_state)``: q, k, v [b, t, H, e] and the float32 gates [b, t, H].
     """
     b, t, d = x.shape
     h, e = self.dims(d)
-    q, k, v = self.q(x), self.k(x), self.v(x)
+    qkv = self._raw_qkv(x)
     if self.conv_width:
-      qkv, conv_state = self.conv(jnp.concatenate([q, k, v], axis=2).reshape(b, t, 3 * h * e),
-                                  segment_ids=segment_ids, state=conv_state)
-      q, k, v = jnp.split(qkv.reshape(b, t, 3 * h, e), 3, axis=2)
+      qkv, conv_state = self.conv(qkv, segment_ids=segment_ids, state=conv_state, prefix=conv_prefix)
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * h, e), 3, axis=2)
     if self.qkv_silu:
       q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
     if self.qk_l2norm:
       q, k = _l2norm(q), _l2norm(k)
     return (q, k, v) + self.gates(x), conv_state
+
+  def absorb(self, prefix: Array, params: titans_ops.MemoryParams, needed: Array | bool = True
+             ) -> tuple[titans_ops.MemoryParams, Array | None]:
+    """The memory after absorbing ``prefix`` from (W_0, 0): the state every document starts from (spec §6).
+
+    MAG and MAL write the persistent tokens into the memory before the sequence (eqs. 26 and 29 use
+    x~ = [P || x]). P is written like the first tokens of a document (chunk grid and gradient window from P's first
+    token, conv from zeros) and its last, possibly partial, window is then closed, so that x starts a fresh chunk
+    grid and gradient window at (W_P, S_P) and documents stay chunk-aligned [ours]. This equals LMM([P || x])
+    exactly when N_p is a multiple of `ttt_batch_size`; otherwise it differs only in that closing. The conv of
+    x's first tokens reads P's last projections, as in [P || x].
+
+    Args:
+      prefix: [N_p, d] the (normalised) prefix vectors.
+      params: the learned `MemoryParams` (W_0).
+      needed: a bool scalar; when False the (costly) absorption is skipped and W_0 is returned, for calls in
+        which no document starts (a decode step, say).
+
+    Returns:
+      ``(params_P, conv_prefix)``: `MemoryParams` with weights W_P and momentum S_P (what a reset restores), and
+      the [conv_width - 1, 3 H e] conv inputs before every document (None without conv).
+    """
+    n, d = prefix.shape
+    config = self.lmm_config()
+    sd = as_dtype(self.state_dtype)
+    (q, k, v, theta, eta, alpha), _ = self.project(prefix[None], None, None)
+    conv_prefix = None
+    if self.conv_width:
+      raw = self._raw_qkv(prefix[None])[0]
+      w = self.conv_width - 1
+      conv_prefix = jnp.pad(raw, ((max(w - n, 0), 0), (0, 0)))[-w:] if w else raw[:0]
+    pad = (-n) % config.ttt_batch_size  # masked identity steps that close P's last window
+    padded = [jnp.pad(a.astype(sd), ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+              for a in (q, k, v, theta, eta, alpha)]
+    mask = jnp.pad(jnp.ones((1, n), sd), ((0, 0), (0, pad)))
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(sd), tree)
+
+    def run(_):
+      start = titans_ops.init_state(params, 1, config, dtype=sd)
+      _, after = titans_ops.lmm_chunked(*padded, start, params=params, config=config, mask=mask)
+      return jax.tree.map(lambda a: a[0], (after.weights, after.momentum))
+
+    def skip(_):
+      w0 = cast(params.weights)
+      return w0, jax.tree.map(jnp.zeros_like, w0)
+
+    weights, momentum = jax.lax.cond(needed, run, skip, None)
+    return params._replace(weights=weights, momentum=momentum), conv_prefix
 
   def read_out(self, y: Array, x: Array) -> Array:
     """The output path W_O (RMSNorm(y) * SiLU(x W_G)) of spec §5.
@@ -504,7 +559,7 @@ class NeuralMemory(nn.Module):
     return (y, new_mem, jnp.zeros_like(state.restart)) + ((aux,) if return_aux else ())
 
   def __call__(self, x: Array, *, segment_ids: Array | None = None, state: NeuralMemoryState | None = None,
-               return_aux: bool = False):
+               return_aux: bool = False, prefix: Array | None = None):
     """Reads from and writes to the memory over ``x`` from ``state``.
 
     Args:
@@ -512,6 +567,8 @@ class NeuralMemory(nn.Module):
       segment_ids: [b, t] document ids (None: one document); documents must start at multiples of `chunk_size`.
       state: state from a previous call (None: `init_state`).
       return_aux: also return diagnostics (spec §9) as a third output.
+      prefix: [N_p, d] vectors the memory absorbs before every document (Titans persistent tokens in MAG / MAL,
+        spec §6; see `absorb`), or None. Pass the same prefix on every call of a stream.
 
     Returns:
       ``(y, new_state)``, or ``(y, new_state, aux)`` with `return_aux`: y [b, t, d]; aux a dict of [b, N, H]
@@ -524,7 +581,12 @@ class NeuralMemory(nn.Module):
       state = self.init_state(b, d)
     params = self.memory()
     starts = _document_starts(segment_ids, state.memory.last_segment, b, t)
-    (q, k, v, theta, eta, alpha), conv_state = self.project(x, segment_ids, state.conv)
+    conv_prefix = None
+    if prefix is not None:
+      if prefix.ndim != 2 or prefix.shape[1] != d:
+        raise ValueError(f"NeuralMemory: prefix must be [N_p, {d}], got shape {prefix.shape}")
+      params, conv_prefix = self.absorb(prefix, params, needed=jnp.any(state.restart) | jnp.any(starts))
+    (q, k, v, theta, eta, alpha), conv_state = self.project(x, segment_ids, state.conv, conv_prefix)
     out = self.memorize(q, k, v, (theta, eta, alpha), params, state, starts, segment_ids, return_aux=return_aux)
     y, mem, restart = out[:3]
     result = self.read_out(y, x).astype(as_dtype(self.dtype) or x.dtype)
@@ -559,7 +621,10 @@ class _TitansHybrid(nn.Module):
     head_dim: per-head width (None: d_model // num_heads).
     d_model: model width (needed by `init_state` / `state_size` on an unbound module).
     window: sliding-window length of the attention (None: full causal attention with `max_len` cache slots).
-    num_persistent: N_p persistent-memory vectors (eq. 19) visible to every attention query; 0 disables.
+    num_persistent: N_p persistent-memory vectors (eq. 19), owned by the block: visible to every attention query
+      and, with `memory_absorbs_persistent`, written into the memory before every document; 0 disables.
+    memory_absorbs_persistent: the memory branch runs over [P || x] (eqs. 26 and 29 use x~ = [P || x]; spec §6;
+      see `NeuralMemory.absorb`); False feeds it x only.
     max_len: cache slots when `window` is None.
     attention_conv_width: short conv before the attention's q/k/v (0: none; an addition of ours, off by default).
     rope_max_wavelength: RoPE base of the attention.
@@ -573,6 +638,7 @@ class _TitansHybrid(nn.Module):
   d_model: int | None = None
   window: int | None = None
   num_persistent: int = 0
+  memory_absorbs_persistent: bool = True
   max_len: int = 2048
   attention_conv_width: int = 0
   rope_max_wavelength: float = 10_000.0
@@ -582,8 +648,9 @@ class _TitansHybrid(nn.Module):
   state_dtype: DType = jnp.float32
 
   def _attention(self, **kwargs) -> MultiHeadAttention:
+    # The block owns P (`_persistent`) and passes it to the attention, which therefore has none of its own.
     return MultiHeadAttention(
-        num_heads=self.num_heads, head_dim=self.head_dim, window=self.window, num_persistent=self.num_persistent,
+        num_heads=self.num_heads, head_dim=self.head_dim, window=self.window, num_persistent=0,
         max_len=self.max_len, conv_width=self.attention_conv_width, d_model=self.d_model,
         rope_max_wavelength=self.rope_max_wavelength, dtype=self.dtype, param_dtype=self.param_dtype,
         state_dtype=self.state_dtype, **kwargs)
@@ -594,8 +661,15 @@ class _TitansHybrid(nn.Module):
     fields.update(dict(self.memory_options))
     return NeuralMemory(**fields, **kwargs)
 
+  def _persistent(self, d: int, dtype: Any) -> tuple[Array | None, Array | None]:
+    """(P for the attention, P for the memory or None), P [N_p, d] in the computation dtype."""
+    if not self.num_persistent:
+      return None, None
+    p = self.persistent(d).astype(dtype)
+    return p, (p if self.memory_absorbs_persistent else None)
+
   def init_state(self, batch_size: int, d_model: int | None = None) -> TitansHybridState:
-    """Empty attention cache and a fresh memory (W_0 at the first chunk)."""
+    """Empty attention cache and a fresh memory (W_0, or W_P after the persistent tokens, at the first chunk)."""
     return TitansHybridState(self._attention(parent=None).init_state(batch_size, d_model),
                              self._memory(parent=None).init_state(batch_size, d_model))
 
@@ -614,9 +688,9 @@ class TitansMAG(_TitansHybrid):
       o = RMSNorm_y(y) * sigmoid(RMSNorm_z(z))    ("sigmoid_z"; or sigmoid(RMSNorm_y(y) * RMSNorm_z(z)))
       out = o W_O
 
-  [paper] the two branches and a non-linear gate of the normalised outputs; [ours] the gate's exact form (the
-  paper's wording is ambiguous) and an output projection. Deviation: the memory branch does not absorb the
-  persistent tokens before the sequence (spec §6); they enter the attention only.
+  [paper] the two branches and a non-linear gate of the normalised outputs, the memory over x~ = [P || x]
+  (eq. 26; `NeuralMemory.absorb` gives the [ours] details); [ours] the gate's exact form (the paper's wording is
+  ambiguous) and an output projection.
 
   Attributes:
     gate: "sigmoid_z" or "sigmoid_product".
@@ -628,6 +702,8 @@ class TitansMAG(_TitansHybrid):
       raise ValueError(f"TitansMAG: gate must be 'sigmoid_z' or 'sigmoid_product', got {self.gate!r}")
     self.attention = self._attention()
     self.memory = self._memory()
+    if self.num_persistent:
+      self.persistent = _Persistent(self.num_persistent, self.param_dtype)
     self.norm_y = RMSNorm(dtype=jnp.float32, param_dtype=self.param_dtype)
     self.norm_z = RMSNorm(dtype=jnp.float32, param_dtype=self.param_dtype)
     self.out = _Linear(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -647,8 +723,9 @@ class TitansMAG(_TitansHybrid):
     b, t, d = x.shape
     if state is None:
       state = self.init_state(b, d)
-    y, attn_state = self.attention(x, segment_ids=segment_ids, state=state.attention)
-    z, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory)
+    p_attn, p_mem = self._persistent(d, as_dtype(self.dtype) or x.dtype)
+    y, attn_state = self.attention(x, segment_ids=segment_ids, state=state.attention, persistent=p_attn)
+    z, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory, prefix=p_mem)
     yn, zn = self.norm_y(y), self.norm_z(z)
     o = yn * jax.nn.sigmoid(zn) if self.gate == "sigmoid_z" else jax.nn.sigmoid(yn * zn)
     out = self.out(o.astype(as_dtype(self.dtype) or x.dtype))
@@ -660,13 +737,15 @@ class TitansMAL(_TitansHybrid):
 
   Two residual sub-blocks inside one mixer [ours]: with m = LMM(x) and u = x + m,
   ``out = m + SWA(RMSNorm(u))``, so the LM block's ``x + out`` equals ``u + SWA(RMSNorm(u))``. The paper writes
-  plain SW-Attn here; the persistent prefix (if any) is visible to every query, as in MAG. Deviation: the memory
-  does not absorb the persistent tokens before the sequence (spec §6).
+  plain SW-Attn here; the persistent prefix (if any) is visible to every query, as in MAG, and the memory runs
+  over x~ = [P || x] (eq. 29; `NeuralMemory.absorb`).
   """
 
   def setup(self):
     self.memory = self._memory()
     self.attention = self._attention()
+    if self.num_persistent:
+      self.persistent = _Persistent(self.num_persistent, self.param_dtype)
     self.norm = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -684,8 +763,10 @@ class TitansMAL(_TitansHybrid):
     b, t, d = x.shape
     if state is None:
       state = self.init_state(b, d)
-    m, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory)
-    a, attn_state = self.attention(self.norm(x + m), segment_ids=segment_ids, state=state.attention)
+    p_attn, p_mem = self._persistent(d, as_dtype(self.dtype) or x.dtype)
+    m, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory, prefix=p_mem)
+    a, attn_state = self.attention(self.norm(x + m), segment_ids=segment_ids, state=state.attention,
+                                   persistent=p_attn)
     out = (m + a).astype(as_dtype(self.dtype) or x.dtype)
     return out, TitansHybridState(attn_state, mem_state)
 

@@ -118,10 +118,14 @@ class MemoryParams(NamedTuple):
     weights: The initial memory W_0 (spec §2.5): a dict with "w_0" ... "w_{L-1}" of shape (H, d_in, d_out) and,
       with `use_bias`, "b_0" ... of shape (H, d_out).
     norm: For `wrap="residual_norm"`, a dict with the LayerNorm "scale" and "bias", each (H, d); else None.
+    momentum: The momentum S that a sequence start or a document start restores, same structure as `weights`;
+      None means S = 0 (the paper). A memory that first absorbs a fixed prefix (Titans persistent tokens, spec
+      §6) passes the state after that prefix here as (`weights`, `momentum`).
   """
 
   weights: dict[str, Array]
   norm: dict[str, Array] | None
+  momentum: dict[str, Array] | None = None
 
 
 class MemoryState(NamedTuple):
@@ -213,12 +217,12 @@ def init_memory_params(
 def init_state(
     params: MemoryParams, batch_size: int, config: LMMConfig, dtype: Any = jnp.float32
 ) -> MemoryState:
-  """The state at sequence start: M = W_0, S = 0, nothing pending (spec §4).
+  """The state at sequence start: M = W_0, S = 0 (or `params.momentum`), nothing pending (spec §4).
 
   Differentiable w.r.t. `params.weights`, which is how W_0 receives its outer gradient.
 
   Args:
-    params: The memory parameters (only `weights` is used).
+    params: The memory parameters (`weights` and `momentum` are used).
     batch_size: B.
     config: The LMM configuration (gives the chunk size).
     dtype: State dtype; float32 unless a float64 test asks otherwise.
@@ -226,13 +230,15 @@ def init_state(
   Returns:
     The initial `MemoryState`.
   """
-  w0 = jax.tree.map(lambda w: jnp.broadcast_to(w.astype(dtype)[None], (batch_size,) + w.shape), params.weights)
+  bcast = lambda w: jnp.broadcast_to(w.astype(dtype)[None], (batch_size,) + w.shape)
+  w0 = jax.tree.map(bcast, params.weights)
+  s0 = jax.tree.map(jnp.zeros_like, w0) if params.momentum is None else jax.tree.map(bcast, params.momentum)
   num_heads, head_dim = params.weights["w_0"].shape[:2]
   p = config.chunk_size - 1
   zeros_int = jnp.zeros((batch_size,), jnp.int32)
   return MemoryState(
       weights=w0,
-      momentum=jax.tree.map(jnp.zeros_like, w0),
+      momentum=s0,
       ref_weights=w0,
       pending_k=jnp.zeros((batch_size, p, num_heads, head_dim), dtype),
       pending_v=jnp.zeros((batch_size, p, num_heads, head_dim), dtype),
@@ -312,6 +318,13 @@ def inner_loss(weights: dict[str, Array], k: Array, v: Array, norm: dict[str, Ar
   return config.inner_loss_scale * jnp.sum(jnp.square(r), axis=-1)
 
 
+def _reset_momentum(params: MemoryParams, dtype: Any) -> PyTree:
+  """The momentum a reset restores: `params.momentum`, or zeros shaped like `params.weights`."""
+  if params.momentum is None:
+    return jax.tree.map(lambda w: jnp.zeros(w.shape, dtype), params.weights)
+  return jax.tree.map(lambda m: m.astype(dtype), params.momentum)
+
+
 def _tree_where(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -382,7 +395,8 @@ def lmm_reference(
   For every token t (1-based), with t' the start of t's gradient window:
     u_t = grad l_t(W) at W = M_{t'},  S_t = eta_t S_{t-1} - theta_t u_t,  M_t = (1 - alpha_t) M_{t-1} + S_t,
   and y_t = f(M_{tau(t)}; q_t) with tau(t) = c * floor((t - 1 + o) / c). A masked token is an identity step
-  with output 0; a document start resets (M, S) to (W_0, 0) and restarts the gradient window. With
+  with output 0; a document start resets (M, S) to (W_0, 0) (or to `params.momentum`) and restarts the gradient
+  window. With
   `max_grad_norm`, each chunk's theta-weighted surprise sum is soft-clamped as in `lmm_chunked`.
 
   Args:
@@ -417,9 +431,10 @@ def lmm_reference(
   q, k, v, theta, eta, alpha = map(cast, (q, k, v, theta, eta, alpha))
   params_w = jax.tree.map(cast, params.weights)
   norm = None if params.norm is None else jax.tree.map(cast, params.norm)
+  reset_s = _reset_momentum(params, dtype)
   pad = (-length) % c
 
-  def one_head(q, k, v, th, et, al, m0, s0, ref0, phase0, msk, rst, w0, nrm):
+  def one_head(q, k, v, th, et, al, m0, s0, ref0, phase0, msk, rst, w0, nrm, sr):
     grad_fn = jax.grad(lambda w, kk, vv: inner_loss(w, kk, vv, nrm, config))
     kp = jnp.pad(k, ((0, pad), (0, 0)))
     vp = jnp.pad(v, ((0, pad), (0, 0)))
@@ -430,7 +445,7 @@ def lmm_reference(
       t, qt, kt, vt, tht, ett, alt, mt, rt = xs
       # A document start (chunk-aligned) is also a chunk boundary: reads and state restart from (W_0, 0).
       m, bm = _tree_where(rt, w0, m), _tree_where(rt, w0, bm)
-      s = _tree_where(rt, jax.tree.map(jnp.zeros_like, s), s)
+      s = _tree_where(rt, sr, s)
       bs = _tree_where(rt, s, bs)
       pos = jnp.where(rt, 0, pos)
       ref = _tree_where(pos % b == 0, m, ref)
@@ -460,10 +475,10 @@ def lmm_reference(
     (_, _, _, bm, bs, _, _), y = jax.lax.scan(step, carry0, xs)
     return y, bm, bs
 
-  heads = jax.vmap(one_head, in_axes=(1, 1, 1, 1, 1, 1, 0, 0, 0, None, None, None, 0, 0), out_axes=(1, 0, 0))
-  batched = jax.vmap(heads, in_axes=(0,) * 12 + (None, None), out_axes=(0, 0, 0))
+  heads = jax.vmap(one_head, in_axes=(1, 1, 1, 1, 1, 1, 0, 0, 0, None, None, None, 0, 0, 0), out_axes=(1, 0, 0))
+  batched = jax.vmap(heads, in_axes=(0,) * 12 + (None, None, None), out_axes=(0, 0, 0))
   y, bm, bs = batched(q, k, v, theta, eta, alpha, state.weights, state.momentum, state.ref_weights,
-                      state.window_phase, mask, resets, params_w, norm)
+                      state.window_phase, mask, resets, params_w, norm, reset_s)
   return y.astype(out_dtype), (bm, bs)
 
 
@@ -531,8 +546,8 @@ def _chunk_coefficients(theta: Array, eta: Array, alpha: Array, upd: Array) -> t
   return th * (g_suf[1:] + upper[1:]), th * e_suf[1:], jnp.stack([g_suf[0], upper[0], e_suf[0]])
 
 
-def _make_chunk_body(config: LMMConfig, w0: PyTree, norm: PyTree, with_aux: bool):
-  """The scan body over chunks for one (sequence, head)."""
+def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, with_aux: bool):
+  """The scan body over chunks for one (sequence, head); a reset restores (w0, s0)."""
   n_window = config.chunks_per_window
   need_g = with_aux or config.max_grad_norm is not None
 
@@ -541,7 +556,7 @@ def _make_chunk_body(config: LMMConfig, w0: PyTree, norm: PyTree, with_aux: bool
     k, v, q, th, et, al, upd, outm, reset, complete = xs
     # Document start (chunk-aligned): back to (W_0, 0) and a fresh gradient window.
     m = _tree_where(reset, w0, m)
-    s = _tree_where(reset, jax.tree.map(jnp.zeros_like, s), s)
+    s = _tree_where(reset, s0, s)
     phase = jnp.where(reset, 0, phase)
     ref = _tree_where(phase == 0, m, ref)
 
@@ -605,7 +620,8 @@ def lmm_chunked(
 
   Chunk and window phase are global: they depend on the absolute position in the stream, so a left-padded
   sequence equals the unpadded one only if the padding is a multiple of b (or b = c = 1). Document starts
-  (changes of `segment_ids`) must be chunk-aligned; they reset (M, S) to (W_0, 0) and restart the gradient window
+  (changes of `segment_ids`) must be chunk-aligned; they reset (M, S) to (W_0, 0) (S to `params.momentum` when
+  given) and restart the gradient window
   (checked eagerly when the inputs are concrete; under `jit` a misaligned start is undefined). A start at the head
   of the trailing incomplete chunk is applied when the call reaches that chunk, complete or not, so the returned
   state is already (W_0, 0) with a fresh window and the later calls that complete the chunk need no flag.
@@ -645,6 +661,7 @@ def lmm_chunked(
   gates = jnp.stack([theta, eta, alpha], axis=-1)
   params_w = jax.tree.map(cast, params.weights)
   norm = None if params.norm is None else jax.tree.map(cast, params.norm)
+  reset_s = _reset_momentum(params, dtype)
   n_chunks = -(-(p + length) // c)
   buf_len = n_chunks * c
 
@@ -672,15 +689,16 @@ def lmm_chunked(
 
     complete = (jnp.arange(n_chunks) + 1) * c <= n_full
 
-    def one_head(m0, s0, ref0, w0, nrm, k, v, q, g):
-      body = jax.checkpoint(_make_chunk_body(config, w0, nrm, return_aux))
+    def one_head(m0, s0, ref0, w0, sr, nrm, k, v, q, g):
+      body = jax.checkpoint(_make_chunk_body(config, w0, sr, nrm, return_aux))
       xs = (chunks(k), chunks(v), chunks(q), chunks(g[:, 0]), chunks(g[:, 1]), chunks(g[:, 2]),
             chunks(upd), chunks(outm), chunks(rb)[:, 0], complete)
       (m, s, ref, phase), (y, aux) = jax.lax.scan(body, (m0, s0, ref0, phase0), xs)
       return m, s, ref, phase, y.reshape(buf_len, head_dim), aux
 
-    m, s, ref, phase, y, aux = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 1, 1, 1, 1), out_axes=(0, 0, 0, 0, 1, 1))(
-        m0, s0, ref0, params_w, norm, kb, vb, qb, gb)
+    m, s, ref, phase, y, aux = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 0, 1, 1, 1, 1),
+                                        out_axes=(0, 0, 0, 0, 1, 1))(m0, s0, ref0, params_w, reset_s, norm, kb, vb,
+                                                                     qb, gb)
     y = jax.lax.dynamic_slice_in_dim(y, n_pend, length, axis=0)
     n_new = n_tot - n_full
     keep = jnp.arange(p) < n_new

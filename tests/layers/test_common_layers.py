@@ -59,3 +59,26 @@ def test_conv_naive_full_step_and_segments(width):
     ys.append(yt)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), y, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state, st)
+
+
+def test_conv_prefix_precedes_every_document():
+  # Given a prefix of width - 1 inputs: each document (and the sequence start) reads it as its own past.
+  width, d = 4, 3
+  x = jax.random.normal(jax.random.key(0), (1, 9, d))
+  prefix = jax.random.normal(jax.random.key(2), (width - 1, d))
+  seg = jnp.array([[1] * 5 + [2] * 4])
+  conv = CausalConv1D(width=width)
+  params = jax.tree.map(lambda p: p + 0.1, conv.init(jax.random.key(1), x))
+  y, _ = conv.apply(params, x, segment_ids=seg, prefix=prefix)
+  # Then it equals the plain conv over [prefix || document] per document, the prefix outputs dropped.
+  for lo, hi in ((0, 5), (5, 9)):
+    want, _ = conv.apply(params, jnp.concatenate([prefix[None], x[:, lo:hi]], axis=1))
+    np.testing.assert_allclose(y[:, lo:hi], want[:, width - 1:], rtol=1e-5, atol=1e-5)
+  # And token by token from the empty state.
+  st, ys = conv.init_state(1, d), []
+  for t in range(9):
+    yt, st = conv.apply(params, x[:, t:t + 1], segment_ids=seg[:, t:t + 1], state=st, prefix=prefix)
+    ys.append(yt)
+  np.testing.assert_allclose(jnp.concatenate(ys, 1), y, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="prefix"):
+    conv.apply(params, x, prefix=prefix[1:])

@@ -243,16 +243,27 @@ def _swa_row(p_att, xs, seg, window, persistent):
   return out
 
 
-def _lmm_row(mem, xs, seg, persistent=()):
-  """The LMM layer over one row; with ``persistent`` the memory first absorbs [P || .] per document (spec §6)."""
+def _lmm_row(mem, xs, seg, persistent=(), closed=True):
+  """The LMM layer over one row; with ``persistent`` the memory first absorbs P per document (spec §6).
+
+  ``closed=False`` streams [P || x] as one sequence (eqs. 26 and 29 literally). ``closed=True`` is memarch's
+  variant: after P the chunk grid and the gradient window restart at x's first token from the state after P
+  (the conv still reads P). The two agree when N_p is a multiple of the gradient window b.
+  """
   out, stream = [], None
   for t, x in enumerate(xs):
     if _starts(seg, t):
       stream = _Stream(mem)
       for z in persistent:
         stream.step(z)
+      if persistent and closed:
+        stream.history = [stream.m]  # x's token 0 is position 0 of a fresh grid and window
     out.append(mem.read_out(stream.step(x), x))
   return out
+
+
+def _block_persistent(p):
+  return list(p["persistent"]["vectors"]) if "persistent" in p else []
 
 
 def _gate(p, y, z, kind):
@@ -261,29 +272,29 @@ def _gate(p, y, z, kind):
   return o @ p["out"]["kernel"]
 
 
-def mag_reference(params, x, seg, *, cfg, window, gate="sigmoid_z", memory_absorbs_persistent=False):
-  """MAG (eqs. 26-28): o = y (x) z with y = SWA*([P || x]) and z = LMM(x), or z = LMM([P || x]) (spec §6)."""
+def mag_reference(params, x, seg, *, cfg, window, gate="sigmoid_z", memory_absorbs_persistent=True, closed=True):
+  """MAG (eqs. 26-28): o = y (x) z with y = SWA*([P || x]) and z = LMM([P || x]) (spec §6), or z = LMM(x)."""
   p = params["params"]
   mem = _Memory(p["memory"], cfg)
-  persistent = list(p["attention"].get("persistent", ()))
+  persistent = _block_persistent(p)
   rows = []
   for b in range(x.shape[0]):
     xs = list(x[b])
     y = _swa_row(p["attention"], xs, seg[b], window, persistent)
-    z = _lmm_row(mem, xs, seg[b], persistent if memory_absorbs_persistent else ())
+    z = _lmm_row(mem, xs, seg[b], persistent if memory_absorbs_persistent else (), closed)
     rows.append(np.stack([_gate(p, yi, zi, gate) for yi, zi in zip(y, z)]))
   return np.stack(rows)
 
 
-def mal_reference(params, x, seg, *, cfg, window, memory_absorbs_persistent=False):
-  """MAL (eqs. 29-31) as two residual sub-blocks: m = LMM(x), out = m + SWA*(RMSNorm(x + m))."""
+def mal_reference(params, x, seg, *, cfg, window, memory_absorbs_persistent=True, closed=True):
+  """MAL (eqs. 29-31) as two residual sub-blocks: m = LMM([P || x]), out = m + SWA*(RMSNorm(x + m))."""
   p = params["params"]
   mem = _Memory(p["memory"], cfg)
-  persistent = list(p["attention"].get("persistent", ()))
+  persistent = _block_persistent(p)
   rows = []
   for b in range(x.shape[0]):
     xs = list(x[b])
-    m = _lmm_row(mem, xs, seg[b], persistent if memory_absorbs_persistent else ())
+    m = _lmm_row(mem, xs, seg[b], persistent if memory_absorbs_persistent else (), closed)
     u = [_rms_norm(xi + mi, p["norm"]["scale"]) for xi, mi in zip(xs, m)]
     a = _swa_row(p["attention"], u, seg[b], window, persistent)
     rows.append(np.stack([mi + ai for mi, ai in zip(m, a)]))
@@ -427,6 +438,7 @@ def _reference(kind, cfg, block, **variant):
   if kind == "mac":
     return functools.partial(mac_reference, cfg=cfg, segment_len=block["segment_len"],
                              gate=block.get("gate", "sigmoid_z"), **variant)
+  variant.setdefault("memory_absorbs_persistent", block.get("memory_absorbs_persistent", True))
   if kind == "mag":
     return functools.partial(mag_reference, cfg=cfg, window=block["window"], gate=block.get("gate", "sigmoid_z"),
                              **variant)
@@ -567,21 +579,25 @@ def test_reference_tells_wrong_semantics_apart():
                 dataclasses.replace(cfg, window=1),  # eqs. 13-14 literally (gradient at M_{t-1})
                 dataclasses.replace(cfg, max_lr=1.01 * cfg.max_lr)):  # theta off by 1%
     assert _forward_error(_get(MAG_CASE), _reference(kind, wrong, block))[0] > 1e-3, wrong
+  for wrong in (dict(memory_absorbs_persistent=False),  # the memory never sees P (eq. 26 uses [P || x])
+                dict(closed=False)):  # N_p = 2 is not a multiple of b = 8: closing P's window is visible
+    assert _forward_error(_get(MAG_CASE), _reference(kind, cfg, block, **wrong))[0] > 1e-3, wrong
   kind, _, _, _, cfg, block = MAC_CASE
   # Fig. 3a read with a fully visible h block leaks later tokens (spec §7.1 trap 1).
   assert _forward_error(_get(MAC_CASE), _reference(kind, cfg, block, h_fully_visible=True))[0] > 1e-3
 
 
-_ABSORB_REASON = (
-    "spec §6 / eqs. 26 and 29: the memory branch runs over x~ = [P || x] (the first N_p outputs dropped); "
-    "memarch's TitansMAG / TitansMAL feed only x to the memory (documented in their docstrings as a deviation)")
+def test_memory_absorbs_persistent_tokens_literally_when_aligned():
+  # N_p = b = 4 (and 2 heads, a second document): closing P's last window changes nothing, so the module equals
+  # the literal LMM([P || x]) of eq. 29, conv over P included.
+  case = ("mal", 2, 13, 8, MemCfg(heads=2, chunk=2, window=4), dict(window=3, num_persistent=4))
+  _check_forward(_get(case, grads=False), _reference("mal", case[4], case[5], closed=False))
 
 
-@pytest.mark.xfail(strict=True, reason=_ABSORB_REASON)
-@pytest.mark.parametrize("case", [MAG_CASE, MAL_CASE], ids=["mag", "mal"])
-def test_memory_absorbs_persistent_tokens(case):
-  kind, _, _, _, cfg, block = case
-  _check_forward(_get(case, grads=kind != "mal"), _reference(kind, cfg, block, memory_absorbs_persistent=True))
+def test_memory_absorption_can_be_turned_off():
+  case = ("mag", 1, 13, 8, MemCfg(heads=1, chunk=4, window=4),
+          dict(window=3, num_persistent=2, memory_absorbs_persistent=False))
+  _check_forward(_get(case, grads=False), _reference("mag", case[4], case[5]))
 
 
 # Bigger grids (each case compiles the module once): lengths 1 .. 24 (a partial first chunk, whole chunks,

@@ -356,6 +356,27 @@ def test_mid_window_reset_matches_reference():
   _assert_tree_close(st.weights, st_b.weights, 1e-5)
 
 
+def test_reset_restores_given_momentum():
+  # Given params carrying a reset momentum S_P (a memory that absorbed a prefix, spec §6) and a document start.
+  config = titans.LMMConfig(depth=2, expansion=2, chunk_size=4, ttt_batch_size=8)
+  inp = _inputs(14, 1, 14, 2, 4)
+  params = _params(15, 2, 4, config)
+  s_p = jax.tree.map(lambda w: 0.1 * jax.random.normal(jax.random.key(16), w.shape), params.weights)
+  params_p = params._replace(momentum=s_p)
+  state = titans.init_state(params_p, 1, config)
+  seg = jnp.where(jnp.arange(14) < 4, 0, 1)[None]
+  y_packed, st = _call(titans.lmm_chunked, inp, state, params_p, config, segment_ids=seg)
+  y_ref, (w_ref, s_ref) = _call(titans.lmm_reference, inp, state, params_p, config, segment_ids=seg)
+  y_b, st_b = _call(titans.lmm_chunked, _slice(inp, 4, 14), state, params_p, config)
+  y_zero, _ = _call(titans.lmm_chunked, inp, titans.init_state(params, 1, config), params, config, segment_ids=seg)
+  # Then both forms restart from (W_0, S_P), and S_P matters.
+  _assert_tree_close(jax.tree.map(lambda a: a[0, 0], state.momentum), jax.tree.map(lambda a: a[0], s_p), 1e-7)
+  _assert_tree_close(y_packed, y_ref, 1e-5)
+  _assert_tree_close((st.weights, st.momentum), (w_ref, s_ref), 1e-5)
+  _assert_tree_close(y_packed[:, 4:], y_b, 1e-5)
+  assert _max_err(y_packed, y_zero) > 1e-3
+
+
 def test_misaligned_reset_raises():
   config = titans.LMMConfig(depth=1, chunk_size=4)
   inp = _inputs(14, 1, 8, 1, 4)
