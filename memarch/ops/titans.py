@@ -747,8 +747,10 @@ def lmm_step(
 ) -> tuple[Array, MemoryState]:
   """Decode step for T == 1 (spec §4): queue the token, update if its chunk is now complete, then retrieve.
 
-  This is `lmm_chunked` on one token, so it is exact by construction. Each call evaluates one (masked) chunk of
-  c tokens; with c = 1 it is one gradient step per token.
+  The token that completes a chunk runs `lmm_chunked` on it (one chunk update, c surprises at the window-start
+  weights); every other token only reads the weights of the last chunk boundary and joins the pending buffer,
+  which is what `lmm_chunked` does for it, at the cost of one memory read. The chunk phase (`n_pending`) is the
+  same for every sequence, so the choice is one `lax.cond` for the batch. With c = 1 every token is an update.
 
   Args:
     q: Queries [B, 1, H, d].
@@ -769,4 +771,45 @@ def lmm_step(
   """
   if q.shape[1] != 1:
     raise ValueError(f"lmm_step expects one token, got T={q.shape[1]}.")
-  return lmm_chunked(q, k, v, theta, eta, alpha, state, segment_ids, params=params, config=config, mask=mask)
+  batch = q.shape[0]
+  c = config.chunk_size
+  update = lambda ops: lmm_chunked(*ops, segment_ids, params=params, config=config, mask=mask)
+  if c == 1:
+    return update((q, k, v, theta, eta, alpha, state))
+  resets = _reset_flags(segment_ids, state.last_segment, batch, 1)
+  _check_reset_alignment(resets, state.n_pending, c)
+
+  def read_and_queue(ops):
+    q, k, v, theta, eta, alpha, state = ops
+    dtype = state.momentum["w_0"].dtype
+    n = state.n_pending  # < c - 1 here
+    # A document start (only at a chunk's first slot, n == 0) restores (W_0, S_0) and a fresh window now, as
+    # `lmm_chunked` does when it reaches the chunk.
+    reset = resets[:, 0] & (n == 0)
+    fresh = init_state(params, batch, config, dtype=dtype)
+    m = _tree_where_rows(reset, fresh.weights, state.weights)
+    norm = None if params.norm is None else jax.tree.map(lambda a: a.astype(dtype), params.norm)
+    read = jax.vmap(jax.vmap(lambda w, z, nrm: apply_memory(w, z, nrm, config), in_axes=(0, 0, 0)),
+                    in_axes=(0, 0, None))
+    msk = jnp.ones((batch,), dtype) if mask is None else mask[:, 0].astype(dtype)
+    y = read(m, q[:, 0].astype(dtype), norm) * msk[:, None, None]
+    slot = jax.nn.one_hot(n, c - 1, dtype=dtype)  # [B, c - 1]
+    put = lambda buf, x: buf + slot.reshape(slot.shape + (1,) * (buf.ndim - 2)) * x[:, None].astype(dtype)
+    gates = jnp.stack([theta[:, 0], eta[:, 0], alpha[:, 0]], axis=-1)
+    last = state.last_segment if segment_ids is None else segment_ids[:, -1].astype(jnp.int32)
+    phase = jnp.where(reset, 0, state.window_phase)
+    new_state = state._replace(
+        weights=m,
+        momentum=_tree_where_rows(reset, fresh.momentum, state.momentum),
+        ref_weights=_tree_where_rows(phase == 0, m, state.ref_weights),  # as the chunk body sets it
+        pending_k=put(state.pending_k, k[:, 0]), pending_v=put(state.pending_v, v[:, 0]),
+        pending_gates=put(state.pending_gates, gates), pending_mask=put(state.pending_mask, (msk > 0)),
+        n_pending=n + 1, window_phase=phase, last_segment=last)
+    return y[:, None].astype(q.dtype), new_state
+
+  return jax.lax.cond(state.n_pending[0] + 1 >= c, update, read_and_queue, (q, k, v, theta, eta, alpha, state))
+
+
+def _tree_where_rows(pred: Array, a: PyTree, b: PyTree) -> PyTree:
+  """Leaf-wise ``where(pred, a, b)`` with ``pred`` [B] broadcast over each leaf's trailing axes."""
+  return jax.tree.map(lambda x, y: jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y), a, b)

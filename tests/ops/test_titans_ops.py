@@ -320,6 +320,28 @@ def test_token_by_token_equals_full():
   _assert_tree_close(st, st_full, 1e-5)
 
 
+def test_token_by_token_with_resets_masks_and_reset_momentum():
+  # Given c = 4, b = 8, row 1 starting a second document at 8 (chunk-aligned), a masked token in row 0, and a
+  # reset momentum S_P: the read-and-queue steps and the chunk-completing steps together equal one call.
+  config = titans.LMMConfig(depth=2, expansion=2, chunk_size=4, ttt_batch_size=8)
+  length = 15
+  inp = _inputs(17, 2, length, 2, 4, theta_max=0.2)
+  params = _params(18, 2, 4, config)
+  params = params._replace(momentum=jax.tree.map(lambda w: 0.05 * jnp.ones_like(w), params.weights))
+  state = titans.init_state(params, 2, config)
+  seg = jnp.stack([jnp.zeros(length, jnp.int32), jnp.where(jnp.arange(length) < 8, 3, 5)])
+  mask = jnp.ones((2, length)).at[0, 5].set(0.0)
+  step = jax.jit(lambda inp, st, sg, mk: titans.lmm_step(*(inp[n] for n in _FIELDS), st, sg, params=params,
+                                                         config=config, mask=mk))
+  ys, st = [], state
+  for t in range(length):
+    y, st = step(_slice(inp, t, t + 1), st, seg[:, t:t + 1], mask[:, t:t + 1])
+    ys.append(y)
+  y_full, st_full = _call(titans.lmm_chunked, inp, state, params, config, segment_ids=seg, mask=mask)
+  _assert_tree_close(jnp.concatenate(ys, axis=1), y_full, 1e-5)
+  _assert_tree_close(st, st_full, 1e-5)
+
+
 @pytest.mark.parametrize("window", [pytest.param(8, marks=pytest.mark.slow), 16])
 def test_segment_reset_equals_separate_documents(window):
   # Given two documents of 16 and 13 tokens packed into one row, c = 8 (b = 16: window-aligned start;
