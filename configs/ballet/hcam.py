@@ -5,8 +5,9 @@ python train.py --config configs/ballet/hcam.py:dancers=2,delay=16 --workdir $WO
 python train.py --config configs/ballet/hcam.py:runlocal --workdir $WORKDIR
 
 Args (``:key=value,...``): ``dancers`` (N, 1..8) and ``delay`` (rest frames after each dance; unset: the
-hard level 8 / 48, or 2 / 16 with ``runlocal``), ``chunk`` (C), ``top_k`` (k), ``steps``, ``lr``, ``batch`` (0 for
-each: the default), ``runlocal`` (a short CPU run).
+hard level 8 / 48, or 2 / 16 with ``runlocal``), ``chunk`` (C), ``top_k`` (k), ``recon`` (weight of the auxiliary
+frame-reconstruction loss, spec §7; default 0 = off, as the spec makes it optional and gives no weight), ``steps``,
+``lr``, ``batch`` (0 for each: the default), ``runlocal`` (a short CPU run).
 
 Measured on one H200 (batch 64, lr 1e-3, in-memory episodes of the same generator): 2 dancers / delay 16 reached
 0.95 test accuracy after 500 steps (0.98 after 800; chance 0.5); 8 / 48 was at 0.28 / 0.37 / 0.43 after
@@ -30,10 +31,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   Returns:
     The experiment ConfigDict.
   """
-  arg = cc.parse_arg(arg, dancers=0, delay=-1, chunk=16, top_k=4, steps=0, lr=0.0, batch=0, runlocal=False)
+  arg = cc.parse_arg(arg, dancers=0, delay=-1, chunk=16, top_k=4, recon=0.0, steps=0, lr=0.0, batch=0,
+                     runlocal=False)
   c = bc.base_config(arg)
   c.model.mixers = ("hcam",) * 4  # the paper's agent: "a 4-layer memory with an HCAM block in each layer"
   # The local window defaults to C (spec §6: >= C covers the unfinished chunk). C = 16 holds one aligned dance;
   # max_chunks = 64 keeps every chunk of the longest level (513 frames / 16 = 32), so nothing is evicted.
   c.model.mixer_options = (("hcam", (("chunk_size", arg.chunk), ("max_chunks", 64), ("top_k", arg.top_k))),)
+  # A linear head reconstructs every input frame from the top layer (logged as recon_loss); off by default.
+  c.model.recon_weight = arg.recon
   return c

@@ -78,7 +78,8 @@ class HCAMRead(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, queries: Array, contents: Array, mask: Array, *, slot_mask: Array | None = None) -> Array:
+  def __call__(self, queries: Array, contents: Array, mask: Array, *, slot_mask: Array | None = None,
+               keys: Array | None = None) -> Array:
     """Reads ``contents`` for every query.
 
     Args:
@@ -86,6 +87,7 @@ class HCAMRead(nn.Module):
       contents: [b, M, C, D] memory chunks.
       mask: [b, q, M] True where a query may read a chunk.
       slot_mask: [b, M, C] True where a chunk slot is filled (None: all are).
+      keys: [b, M, D] chunk means kept with the memory (None: reduced from ``contents`` here).
 
     Returns:
       [b, q, F] relevance-weighted sum of the within-chunk attention outputs (zero where nothing is readable).
@@ -114,10 +116,11 @@ class HCAMRead(nn.Module):
       # Optional, for inspection only (``mutable=["intermediates"]``): the chunks each query reads and their
       # relevance weights, ``selection = (weights [b, q, k], indices [b, q, k])`` as the read computes them.
       readable = mask if slot_mask is None else mask & slot_mask.any(-1)[:, None, :]
+      means = hcam_ops.chunk_means(contents, slot_mask) if keys is None else keys
       self.sow("intermediates", "selection", hcam_ops.select_chunks(
-          hcam_ops.HCAMParams(*leaves), queries, hcam_ops.chunk_means(contents, slot_mask), readable, self.top_k))
+          hcam_ops.HCAMParams(*leaves), queries, means, readable, self.top_k))
     return hcam_ops.hcam_read(
-        hcam_ops.HCAMParams(*leaves), queries, contents, mask, top_k=self.top_k, slot_mask=slot_mask,
+        hcam_ops.HCAMParams(*leaves), queries, contents, mask, top_k=self.top_k, slot_mask=slot_mask, keys=keys,
         path=self.path, stop_gradient_memory=self.stop_gradient_memory,
         use_position_code=self.use_position_code)
 
@@ -221,9 +224,9 @@ class HCAMBlock(nn.Module):
         memory=hcam_ops.init_memory(batch_size, self.max_chunks, self.chunk_size, d, as_dtype(self.state_dtype)))
 
   def state_size(self, d_model: int | None = None) -> int:
-    """Floats of state per sequence: the KV window, ``max_chunks * C * d`` memory and ``(C - 1) * d`` recent."""
+    """Floats of state per sequence: the KV window, ``max_chunks * (C + 1) * d`` (chunks, means), ``(C - 1) * d``."""
     d = self.check(d_model)
-    return (self._local(parent=None).state_size(d) + self.max_chunks * self.chunk_size * d
+    return (self._local(parent=None).state_size(d) + self.max_chunks * (self.chunk_size + 1) * d
             + (self.chunk_size - 1) * d)
 
   def setup(self):
@@ -257,9 +260,9 @@ class HCAMBlock(nn.Module):
     a, local = self.local(x, segment_ids=segment_ids, state=None if fresh else state.local)
     h = x + a
     z = self.memory_norm(h)
-    contents, mask, memory = hcam_ops.write_memory(
+    contents, keys, mask, memory = hcam_ops.write_memory(
         state.memory, z if self.memory_source == "normed" else h, segment_ids.astype(jnp.int32), fresh=fresh)
-    y = a + self.read(z, contents, mask)
+    y = a + self.read(z, contents, mask, keys=keys)
     dtype = as_dtype(self.dtype) or x.dtype
     y = nn.with_logical_constraint(y.astype(dtype), ("act_batch", "act_len", "act_emb"))
     return y, HCAMState(local, memory)

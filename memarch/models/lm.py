@@ -88,6 +88,10 @@ class LMConfig:
       ``x + mlp(norm(x)) + pkm(norm(x))`` (Memory Layers at scale).
     pkm_options: ``((key, value), ...)`` options of the PKM: ``n_keys``, ``heads``, ``knn``, ``k_dim``, ``v_dim``,
       ``gated``, ``qk_norm``.
+    recon_weight: weight of the auxiliary reconstruction loss (spec hcam.md §7; needs ``input_features``): a
+      linear head ``recon_head`` maps the top layer's normed output back to each input frame, the model sows the
+      reconstructions as ``("aux", "reconstruction")`` and the train step adds ``recon_weight`` times their mean
+      squared error. 0 (default): no head, no term.
   """
   vocab_size: int
   input_features: int | None = None
@@ -115,6 +119,7 @@ class LMConfig:
   memory_layers: tuple[int, ...] | None = None
   pkm_layers: tuple[int, ...] = ()
   pkm_options: tuple[tuple[str, Any], ...] = ()
+  recon_weight: float = 0.0
 
   def __post_init__(self):
     if not self.mixers:
@@ -158,6 +163,11 @@ class LMConfig:
       if self.tie_embeddings:
         raise ValueError("model.tie_embeddings=True needs token inputs: with model.input_features the output head "
                          "is untied (leave tie_embeddings unset or set it False)")
+    if not self.recon_weight >= 0:
+      raise ValueError(f"model.recon_weight={self.recon_weight} must be >= 0")
+    if self.recon_weight > 0 and self.input_features is None:
+      raise ValueError(f"model.recon_weight={self.recon_weight} needs feature inputs (model.input_features): a token "
+                       "model has no input frames to reconstruct")
     for name in self.mixers:
       mixer_registry.get_mixer_spec(name)
 
@@ -297,6 +307,7 @@ class Model(nn.Module):
     memory_layers: layers with the memory FFN (None: all).
     pkm_layers: layers with a product-key memory in parallel with the FFN.
     pkm_options: options of the PKM (dict or ``((key, value), ...)``).
+    recon_weight: weight of the auxiliary frame-reconstruction loss (feature inputs only; 0: off).
   """
   vocab_size: int
   input_features: int | None = None
@@ -325,6 +336,7 @@ class Model(nn.Module):
   memory_layers: Sequence[int] | None = None
   pkm_layers: Sequence[int] | None = None
   pkm_options: Any = None
+  recon_weight: float | None = None
 
   @property
   def config(self) -> LMConfig:
@@ -352,6 +364,13 @@ class Model(nn.Module):
       self.head = self.param(
           "head", nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), as_dtype(cfg.param_dtype))
+    if cfg.recon_weight > 0:  # the auxiliary reconstruction head (spec hcam.md §7)
+      self.recon_head = self.param(
+          "recon_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5), ("embed", None)),
+          (cfg.d_model, cfg.input_features), as_dtype(cfg.param_dtype))
+      self.recon_bias = self.param(
+          "recon_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+          (cfg.input_features,), as_dtype(cfg.param_dtype))
     block = nn.remat(Block, prevent_cse=True) if cfg.remat else Block
     self.blocks = [block(cfg, i, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(dtype=cfg.dtype)
@@ -397,6 +416,9 @@ class Model(nn.Module):
       x, new_states[key] = block(x, segment_ids, None if states is None else states[key],
                                  route if cfg.has_memory(i) else None)
     x = self.final_norm(x)
+    if cfg.recon_weight > 0:  # read with mutable=["aux"]; the loss is the train step's (it knows the padding)
+      self.sow("aux", "reconstruction", jnp.einsum("btd,df->btf", x, self.recon_head.astype(dtype),
+                                                   preferred_element_type=jnp.float32) + self.recon_bias)
     head = self.embed.T if cfg.tie_embeddings else self.head
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     return logits, new_states

@@ -154,7 +154,12 @@ def blockwise_causal_attention(
     prefix_k: always-visible prefix keys (see :func:`dot_product_attention`).
     prefix_v: prefix values.
     prefix_q: queries scored against the prefix.
-    block_size: query block length; a static Python loop runs over ``ceil(t / block_size)`` blocks.
+    block_size: longest query block; a static Python loop runs over ``n = ceil(t / block_size)`` blocks of
+      near-equal length (``t // n`` or ``t // n + 1``, never less than ``block_size / 2``). Equal blocks do less work
+      than ``block_size`` blocks plus a short remainder, and never leave a lone last query (e.g. ``t = 513 =
+      2 * 256 + 1``), whose matrix-vector products XLA:GPU rewrites as broadcast-multiply-reduce: a ballet HCAM eval
+      at ``t = 513``, batch 250 failed to compile on an H200 (jax 0.11.2) with an invalid reshape
+      ``[1, 4, 32] -> [1, 4, 32, 16]``, the shape of that rewrite for the lone query against its 16-key window.
 
   Returns:
     [b, t, h, ev] attention output.
@@ -164,8 +169,9 @@ def blockwise_causal_attention(
     mask = attention_mask(positions, positions, segment_ids, segment_ids, window=window)
     return dot_product_attention(q, k, v, mask, prefix_k=prefix_k, prefix_v=prefix_v, prefix_q=prefix_q)
   outs = []
-  for lo in range(0, t, block_size):
-    hi = min(lo + block_size, t)
+  n = -(-t // block_size)
+  bounds = [i * t // n for i in range(n + 1)]
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
     k_lo = 0 if window is None else max(0, lo - window + 1)
     q_seg = None if segment_ids is None else segment_ids[:, lo:hi]
     k_seg = None if segment_ids is None else segment_ids[:, k_lo:hi]

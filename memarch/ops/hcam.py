@@ -348,6 +348,9 @@ class HCAMMemory(NamedTuple):
 
   Attributes:
     contents: [b, M_max, C, D] stored chunks (float32 by default).
+    keys: [b, M_max, D] the mean of each stored chunk (its summary before ``U_k``, spec §2), computed once when the
+      chunk is written, so a read costs ``O(M D)`` for the summaries instead of re-reducing ``O(M C D)`` contents;
+      zero for an empty slot.
     chunk_index: [b, M_max] running index of each chunk in its row (0 for the row's first chunk); -1: empty slot.
     segment: [b, M_max] document id of each chunk.
     recent: [b, C - 1, D] the last ``C - 1`` stored vectors (the spec's accumulator as a sliding buffer: a chunk
@@ -357,6 +360,7 @@ class HCAMMemory(NamedTuple):
     num_chunks: [b] chunks written so far in this row (the next chunk's ``chunk_index``).
   """
   contents: Array
+  keys: Array
   chunk_index: Array
   segment: Array
   recent: Array
@@ -370,6 +374,7 @@ def init_memory(batch_size: int, max_chunks: int, chunk_size: int, width: int,
   """An empty memory of ``max_chunks`` chunks of ``chunk_size`` vectors of ``width`` floats."""
   return HCAMMemory(
       contents=jnp.zeros((batch_size, max_chunks, chunk_size, width), dtype),
+      keys=jnp.zeros((batch_size, max_chunks, width), dtype),
       chunk_index=jnp.full((batch_size, max_chunks), -1, jnp.int32),
       segment=jnp.zeros((batch_size, max_chunks), jnp.int32),
       recent=jnp.zeros((batch_size, chunk_size - 1, width), dtype),
@@ -384,7 +389,7 @@ def write_memory(
     segment_ids: Int[Array, "b t"],
     *,
     fresh: bool = False,
-) -> tuple[Array, Array, HCAMMemory]:
+) -> tuple[Array, Array, Array, HCAMMemory]:
   """Cuts this call's stored vectors into chunks and says which chunks each of its queries may read (spec §6).
 
   Query ``t`` may read chunk ``j`` iff the chunk is complete and entirely in its past (it ended *before* ``t``;
@@ -399,8 +404,10 @@ def write_memory(
     fresh: ``memory`` is known to be empty (``init_memory``): the carried slots are left out of the read.
 
   Returns:
-    ``(contents, mask, new_memory)``: the chunks readable in this call [b, M', C, D] (the carried buffer, unless
-    ``fresh``, then the ``N = ceil((t + C - 1) / C)`` slots for chunks completed in this call), the read mask
+    ``(contents, keys, mask, new_memory)``: the chunks readable in this call [b, M', C, D] (the carried buffer and
+    the ``N = ceil((t + C - 1) / C)`` slots for chunks completed in this call; only the latter when ``fresh``, only
+    the former when ``t == 1``),
+    their means [b, M', D] (the carried ones from ``memory.keys``, only the new chunks are reduced), the read mask
     [b, t, M'], and the memory after the call.
   """
   b, t, _ = stored.shape
@@ -421,17 +428,22 @@ def write_memory(
   stream = jnp.concatenate([memory.recent.astype(stored.dtype), stored], axis=1)  # token t at index t + C - 1
   cover = jnp.maximum(end_pos, 0)[:, :, None] + jnp.arange(c)  # chunk ending at e is stream[e .. e + C - 1]
   new_contents = jax.vmap(lambda s, i: s[i])(stream, cover).astype(memory.contents.dtype)  # [b, n, C, D]
+  new_keys = chunk_means(new_contents).astype(memory.keys.dtype)  # O(n C D): only this call's chunks are reduced
   n_new = completed[:, -1]
   new_index = jnp.where(jnp.arange(n) < n_new[:, None], memory.num_chunks[:, None] + jnp.arange(n), -1)
   new_segment = jnp.take_along_axis(segment_ids, jnp.maximum(end_pos, 0), axis=1)
 
   all_contents = jnp.concatenate([memory.contents, new_contents], axis=1)
+  all_keys = jnp.concatenate([memory.keys, new_keys], axis=1)
   all_index = jnp.concatenate([memory.chunk_index, new_index], axis=1)
   all_segment = jnp.concatenate([memory.segment, new_segment], axis=1)
   if fresh:
-    read_contents, read_index, read_segment = new_contents, new_index, new_segment
+    read_contents, read_keys, read_index, read_segment = new_contents, new_keys, new_index, new_segment
+  elif t == 1:  # decoding: a chunk the only token completes ends at (not before) it, so read the carried buffer
+    read_contents, read_keys, read_index, read_segment = (memory.contents, memory.keys, memory.chunk_index,
+                                                          memory.segment)
   else:
-    read_contents, read_index, read_segment = all_contents, all_index, all_segment
+    read_contents, read_keys, read_index, read_segment = all_contents, all_keys, all_index, all_segment
   idx, nd = read_index[:, None, :], n_done[:, :, None]
   mask = (idx >= 0) & (idx < nd) & (nd - idx <= m_max) & (read_segment[:, None, :] == segment_ids[:, :, None])
 
@@ -439,10 +451,11 @@ def write_memory(
   keep = lambda z: jax.vmap(lambda zb, s: jax.lax.dynamic_slice_in_dim(zb, s, m_max, axis=0))(z, n_new)
   new_memory = HCAMMemory(
       contents=keep(all_contents),
+      keys=keep(all_keys),
       chunk_index=keep(all_index),
       segment=keep(all_segment),
       recent=stream[:, stream.shape[1] - (c - 1):].astype(memory.recent.dtype),
       offset=(offset[:, -1] + 1) % c,
       last_segment=segment_ids[:, -1].astype(jnp.int32),
       num_chunks=memory.num_chunks + n_new)
-  return read_contents.astype(stored.dtype), mask, new_memory
+  return read_contents.astype(stored.dtype), read_keys, mask, new_memory

@@ -4,7 +4,10 @@ Batches with a ``route`` (int32 [B, depth] per-level tree paths, e.g. the facts 
 memory; at training time each row's route is replaced by the generic memory's (-1) with probability ``p_generic``
 (co-training, spec hmem.md §1.5) using the state's key folded with the step. Evaluation never mixes.
 
-Loss: cross-entropy averaged over labelled tokens (targets != -100). Accuracy is measured at labelled positions
+Loss: cross-entropy averaged over labelled tokens (targets != -100), plus, for a model with ``recon_weight > 0``
+(feature inputs; spec hcam.md §7), ``recon_weight`` times the mean squared error of its frame reconstructions over
+the real (segment id > 0) positions, logged as ``recon_loss`` (train and eval); the train metric ``loss`` stays the
+cross-entropy and ``total_loss`` is the objective. Accuracy is measured at labelled positions
 only, two ways: ``accuracy`` is zoology's (the mean over labelled positions within each example, then the mean over
 examples that have labels) and ``token_accuracy`` pools all labelled tokens of the batch.
 """
@@ -48,21 +51,47 @@ def batch_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
           "example_acc": f32(jnp.where(per_tokens > 0, per_acc, 0.0).sum()), "examples": f32((per_tokens > 0).sum())}
 
 
-def summarize(stats: dict[str, Any]) -> dict[str, float]:
-  """Turns summed :func:`batch_stats` into ``loss``, ``accuracy`` and ``token_accuracy``.
+def reconstruction_stats(reconstruction: jax.Array, frames: jax.Array, segment_ids: jax.Array) -> dict[str, jax.Array]:
+  """Sums of the reconstruction loss: squared error per frame (mean over features) at real positions.
 
   Args:
-    stats: the sums (host floats or arrays).
+    reconstruction: float32[B, T, F], the model's ``("aux", "reconstruction")``.
+    frames: float[B, T, F], the input frames.
+    segment_ids: int32[B, T]; 0 marks padding (no frame to reconstruct).
 
   Returns:
-    The three metrics.
+    ``recon_sq`` (summed per-frame mean squared error) and ``recon_frames`` (real frames), float32 scalars.
   """
-  return {"loss": stats["nll"] / jnp.maximum(stats["tokens"], 1.0),
-          "accuracy": stats["example_acc"] / jnp.maximum(stats["examples"], 1.0),
-          "token_accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0)}
+  err = jnp.mean(jnp.square(reconstruction.astype(jnp.float32) - frames.astype(jnp.float32)), axis=-1)
+  real = segment_ids > 0
+  return {"recon_sq": jnp.where(real, err, 0.0).sum(), "recon_frames": real.sum().astype(jnp.float32)}
 
 
-def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: jax.Array | None = None) -> jax.Array:
+def summarize(stats: dict[str, Any]) -> dict[str, float]:
+  """Turns summed :func:`batch_stats` into ``loss``, ``accuracy`` and ``token_accuracy`` (and ``recon_loss``).
+
+  Args:
+    stats: the sums (host floats or arrays), with :func:`reconstruction_stats` for a reconstructing model.
+
+  Returns:
+    The metrics.
+  """
+  out = {"loss": stats["nll"] / jnp.maximum(stats["tokens"], 1.0),
+         "accuracy": stats["example_acc"] / jnp.maximum(stats["examples"], 1.0),
+         "token_accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0)}
+  if "recon_sq" in stats:
+    out["recon_loss"] = stats["recon_sq"] / jnp.maximum(stats["recon_frames"], 1.0)
+  return out
+
+
+def recon_weight(model: nn.Module) -> float:
+  """The model's reconstruction-loss weight (``config.recon_weight``; 0 for models without one)."""
+  return float(getattr(getattr(model, "config", None), "recon_weight", 0.0) or 0.0)
+
+
+def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: jax.Array | None = None,
+             stats: dict[str, jax.Array] | None = None) -> jax.Array:
+  """The logits; with ``stats`` (a dict) and ``recon_weight(model) > 0`` it also adds the reconstruction sums."""
   kwargs = {"segment_ids": batch["segment_ids"]}
   accepted = inspect.signature(type(model).__call__).parameters
   # Models that derive positions from segment_ids take no `positions` argument.
@@ -71,6 +100,10 @@ def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: 
   route = batch.get("route") if route is None else route
   if route is not None and "route" in accepted:
     kwargs["route"] = route
+  if stats is not None and recon_weight(model) > 0:
+    (logits, _), aux = model.apply({"params": params}, batch["inputs"], mutable=["aux"], **kwargs)
+    stats.update(reconstruction_stats(aux["aux"]["reconstruction"][0], batch["inputs"], batch["segment_ids"]))
+    return logits
   logits, _ = model.apply({"params": params}, batch["inputs"], **kwargs)
   return logits
 
@@ -91,21 +124,32 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
 
   Returns:
     ``(new_state, metrics)`` with metrics ``loss``, ``accuracy``, ``token_accuracy``, ``l2_grads``, ``l2_params``,
-    ``l2_updates``, ``lr``.
+    ``l2_updates``, ``lr`` (and ``recon_loss``, ``total_loss`` when the model reconstructs its inputs).
   """
   route = batch.get("route")
   if route is not None and p_generic > 0:
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     route = memory_bank.mix_generic(route, key, p_generic)
 
+  weight = recon_weight(model)
+
   def loss_fn(params):
-    stats = batch_stats(_forward(model, params, batch, route), batch["targets"])
-    return stats["nll"] / jnp.maximum(stats["tokens"], 1.0), stats
+    recon = {}
+    stats = batch_stats(_forward(model, params, batch, route, recon), batch["targets"])
+    loss = stats["nll"] / jnp.maximum(stats["tokens"], 1.0)
+    if recon:  # spec hcam.md §7: the auxiliary frame reconstruction
+      loss = loss + weight * recon["recon_sq"] / jnp.maximum(recon["recon_frames"], 1.0)
+    return loss, {**stats, **recon}
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = {**summarize(stats), "loss": loss, "l2_grads": optax.tree.norm(grads),
+  summary = summarize(stats)
+  if "recon_loss" in summary:
+    summary["total_loss"] = loss
+  else:
+    summary["loss"] = loss
+  metrics = {**summary, "l2_grads": optax.tree.norm(grads),
              "l2_params": optax.tree.norm(params), "l2_updates": optax.tree.norm(updates),
              "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
   new_state = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
@@ -121,6 +165,8 @@ def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.M
     model: the linen model.
 
   Returns:
-    The summed stats.
+    The summed stats (with :func:`reconstruction_stats` for a reconstructing model).
   """
-  return batch_stats(_forward(model, state["params"], batch), batch["targets"])
+  recon = {}
+  stats = batch_stats(_forward(model, state["params"], batch, stats=recon), batch["targets"])
+  return {**stats, **recon}

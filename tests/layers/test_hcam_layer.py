@@ -61,6 +61,42 @@ def test_full_equals_token_by_token_and_chunks_with_eviction():
   z = jax.jit(lambda p, v: layer.apply(p, v, method=lambda m, u: m.memory_norm(u + m.local(u)[0])))(params, x)
   np.testing.assert_allclose(s_full.memory.contents, z[:, 6:12].reshape(2, 2, 3, 16), atol=1e-6)
   np.testing.assert_allclose(s_full.memory.recent, z[:, 11:13], atol=1e-6)
+  # and in every form the state's means are the means of the stored chunks (written once, never re-reduced)
+  for s in (s_full, s_tok, s_chk):
+    np.testing.assert_allclose(s.memory.keys, s.memory.contents.mean(2), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(s_full.memory.keys, z[:, 6:12].reshape(2, 2, 3, 16).mean(2), atol=1e-6)
+
+
+def test_the_read_uses_the_means_kept_in_the_state():
+  # Given a state after 9 tokens (3 chunks, 2 kept) and the same state with the kept means replaced
+  layer, apply, params, x = _setup()
+  _, state = apply(params, x[:, :9])
+  np.testing.assert_array_equal(state.memory.chunk_index, [[1, 2], [1, 2]])
+  moved = state._replace(memory=state.memory._replace(keys=state.memory.keys.at[:, 0].multiply(-3.0)))
+  # When the next token is decoded from each (window 3: token 9 sees tokens 7..9 locally, chunks 1, 2 via HCAM)
+  y, _ = apply(params, x[:, 9:10], state=state)
+  y_moved, _ = apply(params, x[:, 9:10], state=moved)
+  # Then the relevance weights of the two chunks come from the state's means (the contents are unchanged)
+  assert np.abs(y - y_moved).max() > 1e-4
+
+
+@pytest.mark.parametrize("bounds", [
+    [(0, 4), (4, 5), (5, 13)],
+    pytest.param([(t, t + 1) for t in range(T)], marks=pytest.mark.slow),
+], ids=["uneven_chunks", "token_by_token"])
+def test_streaming_gradients_equal_the_full_call(bounds):
+  # Given gradients allowed into memory, so they also flow through the carried chunks and their kept means
+  layer = HCAMBlock(**{**FIELDS, "stop_gradient_memory": False})
+  _, _, params, x = _setup()
+  w = jax.random.normal(jax.random.key(2), (2, T, 16))
+  full = lambda p, v: jnp.sum(layer.apply(p, v)[0] * w)
+  streamed = lambda p, v: jnp.sum(_chunks(layer, layer.apply, p, v, bounds)[0] * w)
+  # When the loss of the outputs is differentiated through one call and through the carried state
+  g_full = jax.jit(jax.grad(full, argnums=(0, 1)))(params, x)
+  g_stream = jax.jit(jax.grad(streamed, argnums=(0, 1)))(params, x)
+  # Then the parameter and input gradients agree (b_k's is zero in both: softmax ignores it)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=2e-5, rtol=1e-4), g_stream, g_full)
+  assert np.abs(np.asarray(g_full[1][:, :3])).max() > 0
 
 
 @pytest.mark.slow  # the ops test already checks every path against the naive loop
@@ -122,12 +158,38 @@ def test_documents_read_only_their_own_chunks_full_and_streaming():
   np.testing.assert_array_equal(s_packed.memory.segment[0], [2, 2])
 
 
+def test_ballet_eval_shapes_leave_no_lone_query_block(monkeypatch):
+  # Regression: the ballet eval at L = 513 = 2 * 256 + 1, batch 250 (d 128, 4 heads, C 16) failed to compile on an
+  # H200 (jax 0.11.2) with an invalid reshape [1, 4, 32] -> [1, 4, 32, 16]: the local attention's query blocks were
+  # 256, 256 and a lone last query, whose 1-row matmuls against the 16-key window XLA:GPU rewrites as
+  # broadcast-multiply-reduce (that broadcast's shape). Not reproducible on CPU, so check the blocks themselves.
+  from memarch.ops import attention as attn_ops  # pylint: disable=g-import-not-at-top
+  blocks, dense = [], attn_ops.dot_product_attention
+  monkeypatch.setattr(attn_ops, "dot_product_attention", lambda q, *a, **kw: blocks.append(q.shape[1]) or dense(
+      q, *a, **kw))
+  layer = HCAMBlock(num_heads=4, d_model=128, chunk_size=16, top_k=4, max_chunks=64)
+  x = jax.ShapeDtypeStruct((250, 513, 128), jnp.float32)
+  params = jax.eval_shape(layer.init, jax.random.key(0), x)
+  blocks.clear()
+  y, _ = jax.eval_shape(layer.apply, params, x)
+  assert y.shape == (250, 513, 128)
+  assert sum(blocks) == 513 and min(blocks) >= 128, blocks  # 171, 171, 171 (was 256, 256, 1)
+  # and the near-equal blocks still equal the dense form where a lone query used to be left (t = 2 * 8 + 1)
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 17, 2, 4))
+  pos = jnp.broadcast_to(jnp.arange(17), (2, 17))
+  for window in (None, 3):
+    ref = dense(q, k, v, attn_ops.attention_mask(pos, pos, window=window))
+    out = jax.jit(functools.partial(attn_ops.blockwise_causal_attention, window=window, block_size=8))(q, k, v, pos)
+    np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_state_is_bounded_and_sized():
   layer = HCAMBlock(**FIELDS)
   state = layer.init_state(3)
   assert state.memory.contents.shape == (3, 2, 3, 16) and state.memory.recent.shape == (3, 2, 16)
+  assert state.memory.keys.shape == (3, 2, 16)
   assert state.local.k.shape[1] == 2  # window - 1
-  assert layer.state_size() == 2 * 2 * 2 * 8 + 2 * 3 * 16 + 2 * 16
+  assert layer.state_size() == 2 * 2 * 2 * 8 + 2 * (3 + 1) * 16 + 2 * 16
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(state))
 
 
