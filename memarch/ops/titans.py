@@ -546,19 +546,29 @@ def _chunk_coefficients(theta: Array, eta: Array, alpha: Array, upd: Array) -> t
   return th * (g_suf[1:] + upper[1:]), th * e_suf[1:], jnp.stack([g_suf[0], upper[0], e_suf[0]])
 
 
-def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, with_aux: bool):
-  """The scan body over chunks for one (sequence, head); a reset restores (w0, s0)."""
+def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, with_aux: bool,
+                     has_resets: bool = True):
+  """The scan body over chunks for one (sequence, head); a reset restores (w0, s0).
+
+  With b = c the window reference is always the chunk-start weights, and the carry is ``(m, s, phase)``;
+  otherwise ``(m, s, ref, phase)``. ``has_resets=False`` (no segment ids) drops the reset selects and, with o = 1,
+  expects the queries shifted by one slot (the caller reads the last slot and applies the output mask).
+  """
   n_window = config.chunks_per_window
   need_g = with_aux or config.max_grad_norm is not None
+  shifted_reads = config.retrieve_offset == 1 and not has_resets
 
   def body(carry, xs):
-    m, s, ref, phase = carry
+    if n_window == 1:
+      m, s, phase = carry
+    else:
+      m, s, ref, phase = carry
     k, v, q, th, et, al, upd, outm, reset, complete = xs
-    # Document start (chunk-aligned): back to (W_0, 0) and a fresh gradient window.
-    m = _tree_where(reset, w0, m)
-    s = _tree_where(reset, s0, s)
-    phase = jnp.where(reset, 0, phase)
-    ref = _tree_where(phase == 0, m, ref)
+    if has_resets:  # Document start (chunk-aligned): back to (W_0, 0) and a fresh gradient window.
+      m = _tree_where(reset, w0, m)
+      s = _tree_where(reset, s0, s)
+      phase = jnp.where(reset, 0, phase)
+    ref = m if n_window == 1 else _tree_where(phase == 0, m, ref)
 
     w_m, w_s, a = _chunk_coefficients(th, et, al, upd)
     # All surprises of the chunk at the window-start weights (eqs. 16-17): one forward, and one VJP per weighting
@@ -577,12 +587,16 @@ def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, wi
     m_new = jax.tree.map(lambda m_, s_, g_: a[0] * m_ + a[1] * s_ - factor * g_, m, s, g_m)
     s_new = jax.tree.map(lambda s_, g_: a[2] * s_ - factor * g_, s, g_s)
 
-    # Retrieval (eq. 15, spec §2.3): with o = 1 the chunk's last token reads the chunk-end weights.
-    if config.retrieve_offset == 1:
-      y = jnp.concatenate([apply_memory(m, q[:-1], norm, config), apply_memory(m_new, q[-1:], norm, config)])
-    else:
+    # Retrieval (eq. 15, spec §2.3): with o = 1 the chunk's last token reads the chunk-end weights. Without
+    # resets the queries come shifted by one slot (`shifted_reads`): this chunk's start weights serve the previous
+    # chunk's last token and the first c - 1 of this one, one read per chunk.
+    if shifted_reads:
       y = apply_memory(m, q, norm, config)
-    y = y * outm[:, None]
+    elif config.retrieve_offset == 1:
+      y = jnp.concatenate([apply_memory(m, q[:-1], norm, config), apply_memory(m_new, q[-1:], norm, config)])
+      y = y * outm[:, None]
+    else:
+      y = apply_memory(m, q, norm, config) * outm[:, None]
 
     phase = jnp.where(complete, (phase + 1) % n_window, phase)
     aux = ()
@@ -590,7 +604,8 @@ def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, wi
       cnt = jnp.maximum(jnp.sum(upd), 1)
       after = inner_loss(m_new, k, v, norm, config)
       aux = (jnp.sum(jnp.where(upd, losses, 0.0)) / cnt, jnp.sum(jnp.where(upd, after, 0.0)) / cnt, g_norm)
-    return (m_new, s_new, ref, phase), (y, aux)
+    carry = (m_new, s_new, phase) if n_window == 1 else (m_new, s_new, ref, phase)
+    return carry, (y, aux)
 
   return body
 
@@ -662,6 +677,8 @@ def lmm_chunked(
   params_w = jax.tree.map(cast, params.weights)
   norm = None if params.norm is None else jax.tree.map(cast, params.norm)
   reset_s = _reset_momentum(params, dtype)
+  has_resets = segment_ids is not None
+  shifted = config.retrieve_offset == 1 and not has_resets
   n_chunks = -(-(p + length) // c)
   buf_len = n_chunks * c
 
@@ -690,11 +707,20 @@ def lmm_chunked(
     complete = (jnp.arange(n_chunks) + 1) * c <= n_full
 
     def one_head(m0, s0, ref0, w0, sr, nrm, k, v, q, g):
-      body = jax.checkpoint(_make_chunk_body(config, w0, sr, nrm, return_aux))
-      xs = (chunks(k), chunks(v), chunks(q), chunks(g[:, 0]), chunks(g[:, 1]), chunks(g[:, 2]),
+      body = jax.checkpoint(_make_chunk_body(config, w0, sr, nrm, return_aux, has_resets=has_resets))
+      qs = jnp.concatenate([jnp.zeros_like(q[:1]), q[:buf_len - 1]]) if shifted else q
+      xs = (chunks(k), chunks(v), chunks(qs), chunks(g[:, 0]), chunks(g[:, 1]), chunks(g[:, 2]),
             chunks(upd), chunks(outm), chunks(rb)[:, 0], complete)
-      (m, s, ref, phase), (y, aux) = jax.lax.scan(body, (m0, s0, ref0, phase0), xs)
-      return m, s, ref, phase, y.reshape(buf_len, head_dim), aux
+      if config.chunks_per_window == 1:  # ref is m at every chunk start
+        (m, s, phase), (y, aux) = jax.lax.scan(body, (m0, s0, phase0), xs)
+        ref = m
+      else:
+        (m, s, ref, phase), (y, aux) = jax.lax.scan(body, (m0, s0, ref0, phase0), xs)
+      y = y.reshape(buf_len, head_dim)
+      if shifted:  # slot i's read came out at i + 1; the last slot reads the final chunk-end weights
+        y = jnp.concatenate([y[1:], apply_memory(m, q[buf_len - 1:buf_len], nrm, config)])
+        y = y * outm[:buf_len, None]
+      return m, s, ref, phase, y, aux
 
     m, s, ref, phase, y, aux = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 0, 1, 1, 1, 1),
                                         out_axes=(0, 0, 0, 0, 1, 1))(m0, s0, ref0, params_w, reset_s, norm, kb, vb,
