@@ -1,8 +1,9 @@
 r"""B'MOJO speed: training tokens/s against Mamba-2 alone and full attention, decode time per token against the
 context length, and the SSD forms (token scan vs chunked), all in one process with ratios.
 
-python benchmarks/bmojo.py --quick                 # small shapes, seconds to a minute on CPU
+python benchmarks/bmojo.py --quick                 # small shapes: ~2 CPU-minutes, mostly compiles
 python benchmarks/bmojo.py --lengths 2048,8192,32768 --plot bmojo.png
+python benchmarks/bmojo.py --lengths 32768 --models bmojo_f,mamba2 --repeats 1   # no quadratic attention
 
 Each row times one layer (d_model, heads, window W, store M) on [batch, T, d] inputs: forward + backward of
 ``sum(y²)`` for training, one ``t == 1`` step from the state after a prefill of T tokens for decoding. Full
@@ -47,7 +48,7 @@ def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small shapes that run in about a minute on CPU")
+  parser.add_argument("--quick", action="store_true", help="small shapes (about 2 CPU-minutes, mostly compilation)")
   parser.add_argument("--lengths", default="2048,8192,32768", help="comma-separated sequence lengths T")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--d_model", type=int, default=256)
@@ -57,6 +58,8 @@ def main() -> None:
   parser.add_argument("--d_state", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--plot", default=None, help="write decode time vs T to this PNG")
+  parser.add_argument("--models", default="bmojo,bmojo_f,mamba2,attention",
+                      help="layers to time (B'MOJO is always timed; leave out attention at very long T)")
   args = parser.parse_args()
   if args.quick:
     args.lengths, args.d_model, args.heads, args.window, args.memory, args.d_state = "256,1024", 64, 2, 32, 16, 16
@@ -65,11 +68,14 @@ def main() -> None:
   print(f"backend={jax.default_backend()} batch={b} d_model={d} heads={args.heads} W={args.window} "
         f"M={args.memory} N={args.d_state}")
 
+  names = ["bmojo"] + [n for n in ("bmojo_f", "mamba2", "attention") if n in args.models.split(",")]
   train, decode = {}, {}
   for t in lengths:
     layers = _layers(d, args.heads, args.window, args.memory, t + 1, args.d_state)
     x = jax.random.normal(jax.random.key(0), (b, t, d))
     for name, layer in layers.items():
+      if name not in names:
+        continue
       params = jax.jit(layer.init)(jax.random.key(1), x[:, :8])
       step = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(layer.apply(p, x)[0] ** 2)))
       train[name, t] = b * t / _time(step, params, x, repeats=args.repeats)
@@ -77,18 +83,19 @@ def main() -> None:
       one = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s))
       decode[name, t] = _time(one, params, x[:, :1], state, repeats=max(args.repeats, 5)) * 1e3
 
-  names = ["bmojo", "bmojo_f", "mamba2", "attention"]
+  nan = float("nan")
+  ratio = lambda table, a, b, t: table[a, t] / table[b, t] if (a, t) in table and (b, t) in table else nan
   print("\ntraining tokens/s (forward + backward of one layer); ratio = B'MOJO / other")
   print(f"{'T':>7} " + " ".join(f"{n:>11}" for n in names) + "  bmojo/mamba2  bmojo/attention")
   for t in lengths:
     row = " ".join(f"{train[n, t]:11.0f}" for n in names)
-    ratios = train["bmojo", t] / train["mamba2", t], train["bmojo", t] / train["attention", t]
+    ratios = ratio(train, "bmojo", "mamba2", t), ratio(train, "bmojo", "attention", t)
     print(f"{t:7d} {row}  {ratios[0]:12.2f}  {ratios[1]:15.2f}")
   print("\ndecode ms per token after a prefill of T tokens (B'MOJO's state is bounded: flat in T)")
   print(f"{'T':>7} " + " ".join(f"{n:>11}" for n in names) + "  attention/bmojo")
   for t in lengths:
     row = " ".join(f"{decode[n, t]:11.3f}" for n in names)
-    print(f"{t:7d} {row}  {decode['attention', t] / decode['bmojo', t]:15.2f}")
+    print(f"{t:7d} {row}  {ratio(decode, 'attention', 'bmojo', t):15.2f}")
 
   print("\nSSD forms, forward + backward ms (H=8, P=32, N=d_state); ratio = token scan / chunked")
   print(f"{'T':>7} {'scan':>10} {'chunked':>10} {'ratio':>7}")

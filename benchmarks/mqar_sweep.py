@@ -1,8 +1,8 @@
 r"""MQAR sweep (zoology style): best test accuracy over a learning-rate sweep, against recurrent state size.
 
   python benchmarks/mqar_sweep.py --quick                                  # seconds: a smoke run of the grid
-  python benchmarks/mqar_sweep.py --models=bmojo,mamba2 --d_model=64 --seq_len=256 --num_kv_pairs=64 \
-      --out=sweep/target.jsonl --plot=sweep/target.png                    # the B'MOJO target point (issue 6)
+  python benchmarks/mqar_sweep.py --models=bmojo:memory_size=128,mamba2 --d_model=64 --seq_len=256 \
+      --num_kv_pairs=64 --out=sweep/target.jsonl --plot=sweep/target.png  # the B'MOJO target point (issue 6)
   python benchmarks/mqar_sweep.py --out=sweep/full.jsonl --shard=0/4       # the full grid, split over 4 machines
 
 Every point trains ``configs/mqar/<model>.py`` through ``train.train_and_evaluate`` with the task and width
@@ -29,7 +29,8 @@ from absl import app, flags, logging
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _MODELS = flags.DEFINE_list("models", ["transformer", "mamba2", "titans_lmm", "bmojo_f", "bmojo"],
-                            "Config names under configs/mqar/.")
+                            "Config names under configs/mqar/, each optionally with its config argument after a "
+                            "colon, e.g. bmojo:memory_size=128 (one key per model: the list splits on commas).")
 _D = flags.DEFINE_list("d_model", ["64", "128"], "Model widths.")
 _T = flags.DEFINE_list("seq_len", ["128", "256", "512"], "Sequence lengths.")
 _KV = flags.DEFINE_list("num_kv_pairs", ["16", "32", "64"], "Key-value pairs per example.")
@@ -42,23 +43,32 @@ _TEST = flags.DEFINE_integer("num_test", 1_000, "Test examples per point.")
 _OUT = flags.DEFINE_string("out", "mqar_sweep.jsonl", "JSON-lines results file (appended; finished points skip).")
 _PLOT = flags.DEFINE_string("plot", None, "Write the accuracy-against-state-size plot here (needs matplotlib).")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th point starting at i (split a sweep over hosts).")
+_EVALS = flags.DEFINE_integer("evals", 1, "Test evaluations per point, evenly spaced (the last one is reported; "
+                              "the others are kept as its learning curve).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny smoke grid: one width, T=64, kv=4, one lr, 20 steps.")
 
 
+def _config_path(name: str) -> pathlib.Path:
+  """``configs/mqar/<file>.py`` of a model name ``file`` or ``file:arg``."""
+  return ROOT / "configs" / "mqar" / f"{name.partition(':')[0]}.py"
+
+
 def _load_config(name: str):
-  path = ROOT / "configs" / "mqar" / f"{name}.py"
+  """``get_config(arg)`` of ``configs/mqar/<file>.py`` for ``name = file[:arg]`` (None: no such file)."""
+  file, _, arg = name.partition(":")
+  path = _config_path(name)
   if not path.exists():
     return None
   if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-  spec = importlib.util.spec_from_file_location(f"_sweep_cfg_{name}", path)
+  spec = importlib.util.spec_from_file_location(f"_sweep_cfg_{file}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg or None)
 
 
 def point_config(name: str, d_model: int, seq_len: int, kv: int, lr: float, *, steps: int, batch: int,
-                 vocab: int, num_train: int, num_test: int, data_dir: str | None):
+                 vocab: int, num_train: int, num_test: int, data_dir: str | None, evals: int = 1):
   """The config of one sweep point: ``configs/mqar/<name>.py`` with the task, width and schedule overridden."""
   c = _load_config(name)
   if c is None:
@@ -78,7 +88,7 @@ def point_config(name: str, d_model: int, seq_len: int, kv: int, lr: float, *, s
   c.optax.lr = lr
   c.optax.warmup_steps = max(1, steps // 20)
   c.log_every = max(1, steps // 10)
-  c.eval_every = steps  # evaluate once, at the end
+  c.eval_every = max(1, steps // max(1, evals))  # evals = 1: once, at the end
   c.ckpt_every = steps
   c.keep_ckpts = 1
   return c
@@ -100,7 +110,8 @@ def run_point(config) -> dict[str, float]:
   evals = [e for e in evals if "eval/test/accuracy" in e]
   jax.clear_caches()
   return {"accuracy": evals[-1]["eval/test/accuracy"], "state_size": int(model.state_size()),
-          "seconds": time.perf_counter() - start}
+          "seconds": time.perf_counter() - start,
+          "curve": [[e["step"], e["eval/test/accuracy"]] for e in evals]}
 
 
 def _key(r: dict) -> tuple:
@@ -121,9 +132,9 @@ def best_table(results: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-  print(f"{'model':<12} {'d':>4} {'T':>5} {'kv':>4} {'state floats':>13} {'best acc':>9} {'at lr':>8} {'lrs':>4}")
+  print(f"{'model':<22} {'d':>4} {'T':>5} {'kv':>4} {'state floats':>13} {'best acc':>9} {'at lr':>8} {'lrs':>4}")
   for r in rows:
-    print(f"{r['model']:<12} {r['d_model']:>4} {r['seq_len']:>5} {r['num_kv_pairs']:>4} {r['state_size']:>13,} "
+    print(f"{r['model']:<22} {r['d_model']:>4} {r['seq_len']:>5} {r['num_kv_pairs']:>4} {r['state_size']:>13,} "
           f"{r['accuracy']:>9.4f} {r['lr']:>8.1e} {r['lrs_run']:>4}")
 
 
@@ -180,7 +191,7 @@ def main(argv: list[str]) -> None:
 
   points = [(m, d, t, kv, lr) for m in _MODELS.value for d in grid_d for t in grid_t for kv in grid_kv
             for lr in lrs]
-  missing = [m for m in _MODELS.value if not (ROOT / "configs" / "mqar" / f"{m}.py").exists()]
+  missing = [m for m in _MODELS.value if not _config_path(m).exists()]
   if missing:
     print(f"skipping models without a config in configs/mqar/: {', '.join(missing)}")
   for i, (m, d, t, kv, lr) in enumerate(points):
@@ -189,7 +200,7 @@ def main(argv: list[str]) -> None:
     if 2 * kv * 2 > t:  # zoology: the context block (2 kv tokens) and the queries must fit in L
       continue
     config = point_config(m, d, t, kv, lr, steps=steps, batch=batch, vocab=vocab, num_train=num_train,
-                          num_test=num_test, data_dir=os.environ.get("MEMARCH_DATA_DIR"))
+                          num_test=num_test, data_dir=os.environ.get("MEMARCH_DATA_DIR"), evals=_EVALS.value)
     print(f"[{i + 1}/{len(points)}] {m} d={d} T={t} kv={kv} lr={lr:g}", flush=True)
     r = dict(model=m, d_model=d, seq_len=t, num_kv_pairs=kv, lr=lr, steps=steps, batch_size=batch,
              **run_point(config))

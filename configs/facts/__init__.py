@@ -3,7 +3,9 @@
 The anchor is d=128, L=4, H=4, SwiGLU d_f=512 (§5.4); ``hmem`` adds a (64, 32) hierarchical FFN memory routed by
 the batch's ``route``, ``pkm`` a product-key memory in one middle layer, ``dense2x`` doubles the depth (about twice
 the anchor's non-embedding parameters). ``runlocal`` trains on the ``tiny`` facts config (4x4 topics, 2,048
-documents) with a d=64, L=2 anchor so that the CPU smoke run takes seconds.
+documents) with a d=64, L=2 anchor so that the CPU smoke run takes seconds. ``tests=N`` draws up to N held-out
+questions per exposure bucket (``FactsConfig.num_test_per_bucket``; the documents and the tree do not change), e.g.
+``tests=512`` evaluates every fact of the ``tiny`` world instead of 16 per bucket.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from memarch.data import facts
 from memarch.data import facts_tfds
 
 # Args every facts config accepts (``--config configs/facts/X.py:key=value,...``); 0 / "" mean "the default".
-ARGS = dict(steps=0, lr=0.0, batch=0, layers=0, d=0, data="", runlocal=False)
+ARGS = dict(steps=0, lr=0.0, batch=0, layers=0, d=0, data="", tests=0, runlocal=False)
 
 
 def base_config(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   """The shared part of the facts configs: data, anchor shape, optimiser and loop (spec §5.4).
 
   Args:
-    arg: parsed ``ARGS``; ``data`` names a standard facts builder config (default ``default``, runlocal ``tiny``).
+    arg: parsed ``ARGS``; ``data`` names a standard facts builder config (default ``default``, runlocal ``tiny``);
+      ``tests`` (> 0) overrides its questions per exposure bucket.
 
   Returns:
     The ConfigDict of the anchor.
@@ -35,6 +38,8 @@ def base_config(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.input.builder_config = arg.data or ("tiny" if arg.runlocal else "default")
   c.input.batch_size = arg.batch or (32 if arg.runlocal else 64)
   c.input.data_dir = mlc.FieldReference(None, field_type=str)  # None: $MEMARCH_DATA_DIR or ~/tensorflow_datasets
+  if arg.tests:
+    c.input.num_test_per_bucket = arg.tests
   data = facts_tfds.config_from_input(c.input).facts
   # Equal tokens for every model: 2^25 by default (the whole training split once).
   c.total_steps = arg.steps or max(1, data.num_train // c.input.batch_size)

@@ -4,7 +4,7 @@ python train.py --config configs/facts/anchor.py --workdir $WORKDIR
 python train.py --config configs/facts/anchor.py:runlocal --workdir $WORKDIR
 
 Args (``:key=value,...``, 0 = default): ``steps``, ``lr``, ``batch``, ``layers``, ``d`` (width), ``data`` (a facts
-builder config: ``default``, ``runlocal``, ``tiny``), ``runlocal``.
+builder config: ``default``, ``runlocal``, ``tiny``), ``tests`` (questions per exposure bucket), ``runlocal``.
 """
 
 from __future__ import annotations

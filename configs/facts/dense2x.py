@@ -6,7 +6,7 @@ python train.py --config configs/facts/dense2x.py --workdir $WORKDIR
 python train.py --config configs/facts/dense2x.py:runlocal --workdir $WORKDIR
 
 Args (``:key=value,...``, 0 = default): ``steps``, ``lr``, ``batch``, ``layers`` (the anchor's, doubled), ``d``,
-``data`` (a facts builder config), ``runlocal``.
+``data`` (a facts builder config), ``tests`` (questions per exposure bucket), ``runlocal``.
 """
 
 from __future__ import annotations

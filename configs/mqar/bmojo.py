@@ -2,6 +2,7 @@ r"""A 2-layer B'MOJO LM on MQAR: B'MOJO-F plus the innovation-selected eidetic s
 
 python train.py --config configs/mqar/bmojo.py --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:runlocal --workdir $WORKDIR
+python train.py --config configs/mqar/bmojo.py:memory_size=128 --workdir $WORKDIR    # T=256, 64 pairs
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """Returns the MQAR B'MOJO config: the B'MOJO-F config with the eidetic store switched on.
 
   Args:
-    arg: ``runlocal`` for a run of about a minute on 2 CPU cores.
+    arg: ``runlocal`` for a run of about a minute on 2 CPU cores; ``memory_size=M``, ``k_sel=K``,
+      ``chunk_size=C`` set the store (spec §4.11: M >= 2 kv; the FIFO covers the last ``M / K`` chunks).
 
   Returns:
     The experiment ConfigDict.
   """
-  arg = cc.parse_arg(arg, runlocal=False)
+  arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8)
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -29,6 +31,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Chunks of C = W = 8 tokens write k_sel = 4 entries each (half the chunk). The FIFO bound keeps whole chunks,
   # so M = 32 keeps the last 8 chunks = 64 tokens: the 2 kv = 16 context tokens stay readable by every query of
   # L = 64, and M = 32 >= 2 kv as spec §4.11 asks.
-  opts.update(chunk_size=8, k_sel=4, memory_size=32, aux_weight=0.1)
+  # For T = 256 with 64 pairs use memory_size=128: 32 chunks of 4 cover the whole sequence, M = 2 kv.
+  opts.update(chunk_size=arg.chunk_size, k_sel=arg.k_sel, memory_size=arg.memory_size, aux_weight=0.1)
   c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)
   return c

@@ -179,7 +179,8 @@ def task_info(input_cfg: Any):
   cfg = config_from_input(input_cfg).facts
   tests = tuple(s for s in facts.SPLITS if s != "train")
   return pipeline.TaskInfo("facts", facts.vocab(cfg).size, cfg.seq_len, tests,
-                           tuple((s, cfg.question_len) for s in tests))
+                           tuple((s, cfg.question_len) for s in tests), route_depth=cfg.levels,
+                           route_branching=cfg.branching)
 
 
 class LocalRouteSource:

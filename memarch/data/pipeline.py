@@ -81,6 +81,8 @@ class TaskInfo:
       (e.g. ``("test_4x", 4 * seq_len)``).
     input_features: None when ``inputs`` are token ids; F when they are float32 [L, F]
       feature vectors (the model then embeds them with a linear map).
+    route_depth: columns of the records' int32 ``route`` (tree levels; 0: no route).
+    route_branching: the branching of the tree the routes index (0: no route).
   """
 
   name: str
@@ -89,6 +91,8 @@ class TaskInfo:
   eval_splits: tuple[str, ...]
   split_seq_lens: tuple[tuple[str, int], ...] = ()
   input_features: int | None = None
+  route_depth: int = 0
+  route_branching: int = 0
 
   def seq_len_of(self, split: str) -> int:
     """The sequence length of ``split``."""

@@ -295,4 +295,6 @@ class BMojo(BMojoF):
     _, starts = bmojo_ops.document_offsets(segment_ids, state.memory.last_segment, state.memory.offset)
     e = bmojo_ops.innovation_score(target, s32 @ probe, s_prev @ probe, starts)
     aux = self.aux_weight * jnp.mean(e) if self.aux_weight else None
+    # For inspection only (``mutable=["intermediates"]``): the per-token innovation scores the selection ranks.
+    self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
     return jax.lax.stop_gradient(e), aux

@@ -3,7 +3,10 @@
 Weight decay applies to every weight matrix, **including the embedding table**. With tied embeddings the table is
 also the output projection, and exempting it would leave the largest matrix of a small model unregularised. Norm
 scales, gains and biases are exempt: decaying them pulls the model towards zero-gain layers. Exempt more with
-``optax.wd_exclude``.
+``optax.wd_exclude``. Per-group rates: ``optax.weight_decay_rules = [(regex, rate), ...]`` gives every decayed
+parameter whose path matches a regex that rate (first match wins) instead of ``optax.wd``, e.g. a memory bank at
+1e-3 while the anchor keeps 0.1 (spec hmem.md §1.5). The rules only set rates: parameters the mask exempts (norms,
+biases, ``wd_exclude``) stay undecayed whatever the rules say.
 """
 
 from __future__ import annotations
@@ -64,6 +67,43 @@ def lr_multipliers(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
   def mult(path):
     return next((m for r, m in compiled if r.search(path)), 1.0)
   return jax.tree.map(mult, param_paths(params))
+
+
+def weight_decay_rates(params: Any, wd: float, rules: Sequence[tuple[str, float]] = (),
+                       exclude: Sequence[str] = ()) -> Any:
+  """Returns a float tree: each parameter's weight-decay rate (0 where :func:`decay_mask` exempts it).
+
+  Args:
+    params: the parameter tree.
+    wd: the global rate, for decayed parameters no rule matches.
+    rules: ``[(regex, rate), ...]``, matched with ``re.search`` against '/'-joined paths; the first match wins.
+    exclude: more path regexes exempt from decay (``wd_exclude``); they win over ``rules``.
+
+  Returns:
+    A tree of Python floats shaped like ``params``.
+  """
+  compiled = [(re.compile(r), float(w)) for r, w in rules]
+  def rate(path, decayed):
+    return next((w for r, w in compiled if r.search(path)), float(wd)) if decayed else 0.0
+  return jax.tree.map(rate, param_paths(params), decay_mask(params, exclude))
+
+
+def add_decayed_weights_by_rules(wd: float, rules: Sequence[tuple[str, float]] = (),
+                                 exclude: Sequence[str] = ()) -> optax.GradientTransformation:
+  """Decoupled weight decay ``u + rate * p`` with per-parameter rates from :func:`weight_decay_rates` (stateless).
+
+  With no ``rules`` this is ``optax.add_decayed_weights(wd, mask=decay_mask(., exclude))``.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_decayed_weights_by_rules: the optimizer update needs params")
+    rates = weight_decay_rates(params, wd, rules, exclude)
+    return jax.tree.map(lambda u, p, r: u if r == 0.0 else u + jnp.asarray(r, u.dtype) * p.astype(u.dtype),
+                        updates, params, rates), state
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_multipliers(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
@@ -139,12 +179,15 @@ def make_schedule(cfg: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """Builds the optimizer of ``config.optax``.
 
-  Order: clip by global norm -> Adam moments -> decoupled weight decay (masked) -> -lr(step) -> LR multipliers,
-  so a multiplier scales a group's whole step, weight decay included, as a per-group LR would.
+  Order: clip by global norm -> Adam moments -> decoupled weight decay (masked, per-group rates) -> -lr(step) ->
+  LR multipliers, so a multiplier scales a group's whole step, weight decay included, as a per-group LR would (a
+  parameter with multiplier m and rate w shrinks by ``lr * m * w`` per step). Under ``lazy_rows`` the decay of an
+  unfetched row is masked with the rest of its update.
 
   Args:
     cfg: ``config.optax``: name ("adamw"), lr, b1, b2, eps, wd, warmup_steps, min_lr_ratio, clip,
-      lr_multipliers, wd_exclude, lazy_rows (path regexes of memory banks updated only on fetched rows, see
+      lr_multipliers, wd_exclude, weight_decay_rules (``[(regex, rate)]``, see :func:`weight_decay_rates`),
+      lazy_rows (path regexes of memory banks updated only on fetched rows, see
       :func:`lazy_rows`).
     total_steps: the length of the run (for the cosine decay).
 
@@ -160,7 +203,8 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
     parts.append(optax.clip_by_global_norm(cfg.clip))
   parts += [
       optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)),
-      optax.add_decayed_weights(cfg.get("wd", 0.0), mask=lambda p: decay_mask(p, exclude)),
+      add_decayed_weights_by_rules(cfg.get("wd", 0.0), [tuple(r) for r in (cfg.get("weight_decay_rules", ()) or ())],
+                                   exclude),
       optax.scale_by_learning_rate(schedule),
   ]
   rules = [tuple(r) for r in (cfg.get("lr_multipliers", ()) or ())]

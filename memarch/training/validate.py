@@ -109,6 +109,15 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
     if features != info.input_features:
       errors.append(f"model.input_features={features!r} does not match task {info.name!r}, whose inputs are "
                     + (f"{info.input_features}-dim feature vectors" if info.input_features else "token ids (None)"))
+    depth = getattr(model, "route_depth", 0) if model is not None else 0
+    if depth:  # a routed memory: the task's routes must reach every level of the bank, on a tree of its branching
+      memory = model.config.memory()
+      if info.route_depth < depth:
+        errors.append(f"model.memory_options: ranks={memory['ranks']} has {depth} levels but task {info.name!r} "
+                      f"routes have depth {info.route_depth} (need route depth >= the number of levels)")
+      elif memory["branching"] != info.route_branching:
+        errors.append(f"model.memory_options: branching={memory['branching']} does not match the "
+                      f"{info.route_branching}-way tree of task {info.name!r}'s routes")
     vocab = config.model.get("vocab_size")
     if not isinstance(vocab, int) or vocab < info.vocab_size:
       errors.append(f"model.vocab_size={vocab!r} is too small for task {info.name!r}, which needs "
@@ -119,12 +128,18 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
     errors.append(f"optax.name={opt.get('name')!r} is unknown (only 'adamw')")
   if not opt.get("lr", 0) > 0:
     errors.append(f"optax.lr={opt.get('lr')!r} must be positive")
-  for field in ("lr_multipliers", "wd_exclude"):
+  for field in ("lr_multipliers", "wd_exclude", "weight_decay_rules"):
     for item in opt.get(field, ()) or ():
-      pattern = item[0] if field == "lr_multipliers" else item
+      paired = field != "wd_exclude"
+      if paired and (isinstance(item, str) or len(item) != 2):
+        errors.append(f"optax.{field}: {item!r} is not a (regex, number) pair")
+        continue
+      pattern = item[0] if paired else item
       try:
         re.compile(pattern)
       except (re.error, TypeError) as e:
         errors.append(f"optax.{field}: bad regex {pattern!r} ({e})")
+      if paired and (isinstance(item[1], bool) or not isinstance(item[1], (int, float)) or not item[1] >= 0):
+        errors.append(f"optax.{field}: {item[1]!r} (for {pattern!r}) must be a non-negative number")
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
