@@ -150,6 +150,10 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
     state = checkpoint.restore_latest(manager, abstract, train_iter)
     if state is None:
       state = state_lib.create_state(model, tx, shardings, config.seed, batch_shape)
+      if config.get("init_from"):  # warm start (e.g. hmem A2: a trained anchor, then co-training)
+        state, copied = state_lib.warm_start(state, checkpoint.load_params(config.init_from), shardings)
+        logging.info("Warm start: %d of %d parameter arrays from %s.", len(copied),
+                     len(jax.tree.leaves(state["params"])), config.init_from)
     if is_main:
       metrics.log_param_overview(state["params"])
 

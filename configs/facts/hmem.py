@@ -11,10 +11,17 @@ block (``optax.weight_decay_rules``, ``bank_wd`` arg) while the anchor keeps 0.1
 python train.py --config configs/facts/hmem.py --workdir $WORKDIR
 python train.py --config configs/facts/hmem.py:runlocal --workdir $WORKDIR
 
+Recipe A2 (spec §5.4: anchor for half the budget, then co-training for the other half; A4, the default, trains
+both from scratch): ``init_from`` copies every parameter of the anchor run's newest checkpoint whose path and shape
+match (all of the anchor); the bank keeps its zero-output initialisation and the optimizer starts fresh::
+
+  python train.py --config configs/facts/anchor.py:steps=N --workdir $ANCHOR
+  python train.py --config configs/facts/hmem.py:steps=N,init_from=$ANCHOR --workdir $WORKDIR
+
 Args (``:key=value,...``, 0 = default): ``steps``, ``lr``, ``batch``, ``layers``, ``d``, ``data`` (a facts builder
 config), ``tests`` (questions per exposure bucket), ``bank_lr`` (bank LR multiplier, default 3), ``bank_wd`` (bank
 weight decay, default 1e-3), ``p_generic`` (-1: 1/17), ``ranks`` (units per level joined by ``x``, e.g. ``16x48``),
-``runlocal``. The route depth of the data must cover the levels of ``ranks`` (checked by
+``init_from`` (a trained anchor's workdir: recipe A2, below), ``runlocal``. The route depth of the data must cover the levels of ``ranks`` (checked by
 ``memarch.training.validate``).
 """
 
@@ -38,8 +45,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   Returns:
     The experiment ConfigDict.
   """
-  arg = cc.parse_arg(arg, **fc.ARGS, bank_lr=3.0, bank_wd=1e-3, p_generic=-1.0, ranks="")
+  arg = cc.parse_arg(arg, **fc.ARGS, bank_lr=3.0, bank_wd=1e-3, p_generic=-1.0, ranks="", init_from="")
   c = fc.base_config(arg)
+  c.init_from = arg.init_from  # A2: a trained anchor's workdir; its params seed the same layers
   ranks = (16, 8) if arg.runlocal else (64, 32)
   if arg.ranks:
     try:

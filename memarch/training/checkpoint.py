@@ -90,3 +90,30 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
     logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
     return restored["state"]
   return None
+
+
+def load_params(workdir: str) -> Any:
+  """The params of the newest checkpoint under ``workdir`` (another run's), as host arrays, for a warm start.
+
+  Args:
+    workdir: a run's workdir (its ``checkpoints/`` holds the steps).
+
+  Returns:
+    The nested params dict of that checkpoint's ``state``.
+
+  Raises:
+    ValueError: no checkpoint under ``workdir``.
+  """
+  manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "data"),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "data": grain.checkpoint.CheckpointHandler()})
+  steps = manager.all_steps()
+  if not steps:
+    raise ValueError(f"init_from={workdir!r}: no checkpoint under {workdir}/checkpoints")
+  # The source run may have used another device topology: restore onto one local device from the metadata.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  meta = manager.item_metadata(max(steps))["state"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  restored = manager.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  logging.info("Warm start: params of step %d from %s.", max(steps), workdir)
+  return jax.device_get(restored["state"]["params"])

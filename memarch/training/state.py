@@ -81,3 +81,44 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, shardings: 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Returns the fully replicated sharding on ``mesh``."""
   return NamedSharding(mesh, P())
+
+
+def warm_start(state: dict[str, Any], source: Any, shardings: Any) -> tuple[dict[str, Any], list[str]]:
+  """Copies every parameter of ``source`` whose path and shape match into ``state["params"]``.
+
+  A path of the state with an ``anchor`` component (the base FFN of a memory-augmented FFN) also matches the
+  source path without it (``block_0/mlp/anchor/w_in`` <- ``block_0/mlp/w_in``).
+
+  This is the anchor-then-co-train recipe (hmem spec A2): an anchor LM's params seed the same layers of a model
+  that adds a memory; the new parameters (the bank) keep their initialisation, the optimizer state stays fresh.
+
+  Args:
+    state: a freshly created state (from :func:`create_state`).
+    source: a params tree (e.g. :func:`memarch.training.checkpoint.load_params`).
+    shardings: the state's shardings (the copied params are placed with them).
+
+  Returns:
+    ``(state, copied)``: the new state and the '/'-joined paths that were copied.
+
+  Raises:
+    ValueError: a path present in both with different shapes (the source is another architecture).
+  """
+  flat_src = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+              for path, leaf in jax.tree_util.tree_leaves_with_path(source)}
+  copied = []
+
+  def take(path, leaf, sharding):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    # A memory-augmented FFN keeps its base FFN under "anchor" (HierarchicalMemoryFFN): the source has it bare.
+    key = name if name in flat_src else name.replace("/anchor/", "/")
+    if key not in flat_src:
+      return leaf
+    src = flat_src[key]
+    if tuple(src.shape) != tuple(leaf.shape):
+      raise ValueError(f"init_from: parameter {name} has shape {tuple(src.shape)} in the source and "
+                       f"{tuple(leaf.shape)} here")
+    copied.append(name)
+    return jax.device_put(jnp.asarray(src, leaf.dtype), sharding)
+
+  params = jax.tree_util.tree_map_with_path(take, state["params"], shardings["params"])
+  return {**state, "params": params}, copied
