@@ -496,12 +496,12 @@ def _check_gradients(case, ref, n_dirs=2, eps=1e-5, tol=2e-5, seed=0):
   assert not failures, "\n".join(failures)
 
 
-def _run(kind, heads, length, reset_at, cfg, block, grads=True):
+def _run(kind, heads, length, reset_at, cfg, block, grads=True, tol=2e-5):
   case = _case(kind, heads, length, reset_at, cfg, tuple(sorted(block.items())), grads)
   ref = _reference(kind, cfg, block)
-  _check_forward(case, ref)
+  _check_forward(case, ref, tol=tol)
   if grads:
-    _check_gradients(case, ref)
+    _check_gradients(case, ref, tol=tol)
   return case
 
 
@@ -623,4 +623,9 @@ _SLOW = [
 @pytest.mark.parametrize("case", _SLOW, ids=lambda c: f"{c[0]}-h{c[1]}-t{c[2]}-c{c[4].chunk}-b{c[4].window}-"
                                                        f"o{c[4].offset}-L{c[4].depth}")
 def test_grid_matches_reference(case):
-  _run(*case)
+  # fp32 module against the float64 reference. The deepest recurrences here (c = 1 over 25 stream tokens; L_M = 3
+  # with o = 0), both after absorbing P, amplify fp32 rounding: forward 2.5e-5, and for L_M = 3 gradients up to
+  # 3e-4 of a leaf's norm. The same module in float64 (its l2 norm uncast) matches the reference's finite
+  # differences to 1.2e-5 and without absorption the fp32 gradients pass at 2e-5, so these are rounding, not
+  # semantics; a wrong reading misses by > 1e-3 (test_reference_tells_wrong_semantics_apart).
+  _run(*case, tol=5e-4 if case[4].depth == 3 else 5e-5)
