@@ -40,6 +40,8 @@ def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state:
   ssm = dict(d_state=d_state, ssm_head_dim=32, ssm_chunk_size=64)
   return {
       "bmojo": BMojo(num_heads=heads, window=window, d_model=d, k_sel=4, memory_size=memory, **ssm),
+      "bmojo_unsplit": BMojo(num_heads=heads, window=window, d_model=d, k_sel=4, memory_size=memory,
+                             query_block=window, **ssm),
       "bmojo_f": BMojoF(num_heads=heads, window=window, d_model=d, **ssm),
       "mamba2": Mamba2(d_model=d, d_state=d_state, head_dim=32, chunk_size=64),
       "attention": MultiHeadAttention(num_heads=heads, max_len=max_len, d_model=d),
@@ -59,7 +61,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--plot", default=None, help="write decode time vs T to this PNG")
   parser.add_argument("--models", default="bmojo,bmojo_f,mamba2,attention",
-                      help="layers to time (B'MOJO is always timed; leave out attention at very long T)")
+                      help="layers to time (B'MOJO is always timed; leave out attention at very long T; "
+                           "bmojo_unsplit: B'MOJO with query sub-blocks of W, i.e. no sub-blocking)")
   args = parser.parse_args()
   if args.quick:
     args.lengths, args.d_model, args.heads, args.window, args.memory, args.d_state = "256,1024", 64, 2, 32, 16, 16
@@ -68,7 +71,8 @@ def main() -> None:
   print(f"backend={jax.default_backend()} batch={b} d_model={d} heads={args.heads} W={args.window} "
         f"M={args.memory} N={args.d_state}")
 
-  names = ["bmojo"] + [n for n in ("bmojo_f", "mamba2", "attention") if n in args.models.split(",")]
+  names = ["bmojo"] + [n for n in ("bmojo_unsplit", "bmojo_f", "mamba2", "attention")
+                       if n in args.models.split(",")]
   train, decode = {}, {}
   for t in lengths:
     layers = _layers(d, args.heads, args.window, args.memory, t + 1, args.d_state)
@@ -86,15 +90,15 @@ def main() -> None:
   nan = float("nan")
   ratio = lambda table, a, b, t: table[a, t] / table[b, t] if (a, t) in table and (b, t) in table else nan
   print("\ntraining tokens/s (forward + backward of one layer); ratio = B'MOJO / other")
-  print(f"{'T':>7} " + " ".join(f"{n:>11}" for n in names) + "  bmojo/mamba2  bmojo/attention")
+  print(f"{'T':>7} " + " ".join(f"{n:>13}" for n in names) + "  bmojo/mamba2  bmojo/attention")
   for t in lengths:
-    row = " ".join(f"{train[n, t]:11.0f}" for n in names)
+    row = " ".join(f"{train[n, t]:13.0f}" for n in names)
     ratios = ratio(train, "bmojo", "mamba2", t), ratio(train, "bmojo", "attention", t)
     print(f"{t:7d} {row}  {ratios[0]:12.2f}  {ratios[1]:15.2f}")
   print("\ndecode ms per token after a prefill of T tokens (B'MOJO's state is bounded: flat in T)")
-  print(f"{'T':>7} " + " ".join(f"{n:>11}" for n in names) + "  attention/bmojo")
+  print(f"{'T':>7} " + " ".join(f"{n:>13}" for n in names) + "  attention/bmojo")
   for t in lengths:
-    row = " ".join(f"{decode[n, t]:11.3f}" for n in names)
+    row = " ".join(f"{decode[n, t]:13.3f}" for n in names)
     print(f"{t:7d} {row}  {ratio(decode, 'attention', 'bmojo', t):15.2f}")
 
   print("\nSSD forms, forward + backward ms (H=8, P=32, N=d_state); ratio = token scan / chunked")

@@ -71,6 +71,8 @@ class BMojoF(nn.Module):
     ssm_head_dim: Mamba-2 head width ``P`` (None: ``min(64, d_inner)``).
     conv_width: Mamba-2 causal conv taps.
     ssm_chunk_size: chunk length of the chunked SSD form.
+    query_block: at most this many queries per sub-block of the in-context / fading read (None: automatic, see
+      :func:`memarch.ops.bmojo.query_block_size`); a speed knob, the output does not depend on it.
     use_rope: rotate queries and keys by their absolute positions (both paths).
     rope_max_wavelength: RoPE base.
     w_init_variance_scale: variance multiplier of the q / k / v projections' initialiser.
@@ -89,6 +91,7 @@ class BMojoF(nn.Module):
   ssm_head_dim: int | None = None
   conv_width: int = 4
   ssm_chunk_size: int = 64
+  query_block: int | None = None
   use_rope: bool = True
   rope_max_wavelength: float = 10_000.0
   w_init_variance_scale: float = 1.0
@@ -229,7 +232,7 @@ class BMojoF(nn.Module):
     score, aux_loss = self._innovation(x, s, state, seg)
     out, memory = bmojo_ops.bmojo_attention(
         q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
-        chunk_size=c, k_sel=k_sel, fresh=fresh)
+        chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block)
     if aux_loss is not None:
       wo = bmojo_ops.add_aux_gradient(wo, aux_loss)
     (wo,) = nn.dtypes.promote_dtype(wo, dtype=dtype)

@@ -91,25 +91,25 @@ def _memory(cfg, b=B):
 
 
 @functools.cache
-def _fast_cached(cfg_items, untied):
-  return _fast_impl(dict(cfg_items), untied)
+def _fast_cached(cfg_items, untied, query_block):
+  return _fast_impl(dict(cfg_items), untied, query_block)
 
 
-def _fast(cfg, untied=False):
-  return _fast_cached(tuple(sorted(cfg.items())), untied)
+def _fast(cfg, untied=False, query_block=None):
+  return _fast_cached(tuple(sorted(cfg.items())), untied, query_block)
 
 
-def _fast_impl(cfg, untied):
+def _fast_impl(cfg, untied, query_block):
   @jax.jit
   def run(q, k, v, kf, vf, qf, score, seg, memory):
     return bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
                                  q_fade=qf if untied else None, chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
-                                 return_store_read=True)
+                                 return_store_read=True, query_block=query_block)
   return run
 
 
-def _streamed(cfg, bounds, untied=False, inputs=None):
-  run = _fast(cfg, untied)
+def _streamed(cfg, bounds, untied=False, inputs=None, query_block=None):
+  run = _fast(cfg, untied, query_block)
   q, k, v, kf, vf, qf, score = inputs or _inputs()
   memory, outs, reads = _memory(cfg), [], []
   seg = jnp.asarray(SEG)
@@ -125,17 +125,21 @@ def _read_sets(store_read):
   return [[sorted(int(p) for p in row if p >= 0) for row in batch] for batch in store_read]
 
 
-@pytest.mark.parametrize("name,untied", [("bmojo", False), pytest.param("bmojo_f", True, marks=pytest.mark.slow),
-                                         pytest.param("c_lt_w", True, marks=pytest.mark.slow)])
-def test_naive_equals_block_banded_and_streaming(name, untied):
+@pytest.mark.parametrize("name,untied,query_block", [
+    ("bmojo", False, None), ("bmojo", True, 2), ("bmojo_f", False, 2), pytest.param("bmojo_f", True, None,
+                                                                                     marks=pytest.mark.slow),
+    pytest.param("c_lt_w", True, None, marks=pytest.mark.slow), pytest.param("c_lt_w", False, 1,
+                                                                             marks=pytest.mark.slow)])
+def test_naive_equals_block_banded_and_streaming(name, untied, query_block):
   # Given random q/k/v, fading k/v, innovation scores and packed documents in row 1
   cfg = CFGS[name]
   q, k, v, kf, vf, qf, score = _inputs()
   ref, ref_reads = naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg, qf=qf if untied else None)
   # When the fast path runs in one call, in uneven calls with the carried memory, and token by token
-  full, mem_full, read_full = _streamed(cfg, [(0, T)], untied)
-  chunked, mem_chunked, _ = _streamed(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], untied)
-  steps, mem_steps, read_steps = _streamed(cfg, [(i, i + 1) for i in range(T)], untied)
+  # (query_block: sub-blocks of the in-context / fading read, a speed knob that must not change anything)
+  full, mem_full, read_full = _streamed(cfg, [(0, T)], untied, query_block=query_block)
+  chunked, mem_chunked, _ = _streamed(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], untied, query_block=query_block)
+  steps, mem_steps, read_steps = _streamed(cfg, [(i, i + 1) for i in range(T)], untied, query_block=query_block)
   # Then outputs equal the reference, and so do the store entries each query reads and the final memories
   np.testing.assert_allclose(full, ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(chunked, ref, atol=1e-5, rtol=1e-5)
@@ -154,7 +158,7 @@ def test_gradients_naive_equal_block_banded():
   cfg = CFGS["bmojo"]
   q, k, v, kf, vf, qf, score = _inputs()
   ct = jax.random.normal(jax.random.key(9), (B, T, H, E))
-  run = _fast(cfg, untied=True)
+  run = _fast(cfg, untied=True, query_block=2)  # sub-blocked in-context / fading reads
 
   def loss_fast(args):
     out = run(*args[:6], score, jnp.asarray(SEG), _memory(cfg))[0]
@@ -284,3 +288,6 @@ def test_bad_configs_raise_naming_the_field():
     bmojo.bmojo_attention(x, x, x, x, x, memory, window=3, score=jnp.zeros((1, 3)), chunk_size=2, k_sel=1)
   with pytest.raises(ValueError, match="score"):
     bmojo.bmojo_attention(x, x, x, x, x, memory, window=2, chunk_size=2, k_sel=1)
+  with pytest.raises(ValueError, match="query_block"):
+    bmojo.bmojo_attention(x, x, x, x, x, memory, window=2, score=jnp.zeros((1, 3)), chunk_size=2, k_sel=1,
+                          query_block=0)
