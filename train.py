@@ -136,10 +136,14 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   model = models.get_model(config.model_name, **config.model)
   tx, schedule = optim.make_optimizer(config.optax, config.total_steps)
   p_generic = generic_probability(config, model)
+  labels_per_row = config.get("labels_per_row")  # head only at labelled positions (MQAR); None: everywhere
 
   # Both outside the mesh context: the peak runs on one device, and the FLOP count traces the model unsharded.
   peak = metrics.total_peak(metrics.measure_matmul_peak(dtype=config.model.get("dtype") or "float32"))
   flops_per_step = model.flops_per_token(seq_len) * batch_size * seq_len
+  if labels_per_row is not None:  # the head runs at labels_per_row of the seq_len positions
+    head = 6.0 * model.config.d_model * model.config.vocab_size * batch_size
+    flops_per_step -= head * max(seq_len - labels_per_row, 0)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("act_batch", None), mesh, rules)
@@ -165,7 +169,8 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
       traces.append(1)
       if len(traces) > 1:
         raise RuntimeError("train step traced again: the state or batch changed shape/dtype/sharding between steps")
-      return step_lib.train_step(state, batch, model=model, tx=tx, schedule=schedule, p_generic=p_generic)
+      return step_lib.train_step(state, batch, model=model, tx=tx, schedule=schedule, p_generic=p_generic,
+                                 labels_per_row=labels_per_row)
 
     step_fn = jax.jit(train_step,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
@@ -181,7 +186,9 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
 
     with StopRequest() as stop:
       for step in range(start + 1, config.total_steps + 1):  # `step` counts the updates done after this one
-        batch = batches.make_global(next(train_iter), batch_sharding, batch_size)
+        host_batch = next(train_iter)
+        step_lib.check_labels_per_row(host_batch["targets"], labels_per_row)
+        batch = batches.make_global(host_batch, batch_sharding, batch_size)
         with jax.transfer_guard("disallow"):
           state, step_metrics = step_fn(state, batch)
           acc = step_metrics if acc is None else _add(acc, step_metrics)

@@ -76,6 +76,7 @@ def point_config(name: str, d_model: int, seq_len: int, kv: int, lr: float, *, s
   c.total_steps = steps
   c.input.seq_len = seq_len
   c.input.num_kv_pairs = kv
+  c.labels_per_row = kv  # MQAR labels exactly kv positions per row: the head runs only there
   c.input.vocab_size = vocab
   c.input.num_train = num_train
   c.input.num_test = num_test

@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.input.batch_size = 64
   c.input.data_dir = mlc.FieldReference(None, field_type=str)  # None: $MEMARCH_DATA_DIR or ~/tensorflow_datasets
 
+  # Every MQAR row labels exactly num_kv_pairs positions: the train step runs the head only there (spec bmojo.md
+  # §6.5; set it again when overriding input.num_kv_pairs: the train loop checks every batch).
+  c.labels_per_row = c.input.num_kv_pairs
+
   c.model_name = "lm"
   c.model = mlc.ConfigDict()
   c.model.vocab_size = c.input.vocab_size

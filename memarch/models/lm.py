@@ -376,7 +376,7 @@ class Model(nn.Module):
     self.final_norm = RMSNorm(dtype=cfg.dtype)
 
   def __call__(self, tokens: Array, *, segment_ids: Array | None = None, states: States | None = None,
-               route: Array | None = None) -> tuple[Array, States]:
+               route: Array | None = None, logit_positions: Array | None = None) -> tuple[Array, States]:
     """Runs the LM over ``tokens`` from ``states``.
 
     Args:
@@ -386,9 +386,12 @@ class Model(nn.Module):
       route: with ``mlp="hmem"``: int32 [b, depth] per-level (nested) tree node ids of each row's path,
         ``depth >= len(ranks)``; a row of -1 selects the generic memory (see :mod:`memarch.ops.memory_bank`).
         Ignored otherwise.
+      logit_positions: int32 [b, n]: compute the logits only at these positions of each row (gathered after the
+        final norm, so the head costs n / t of the full one; spec bmojo.md §6.5). None: every position.
 
     Returns:
-      ``(logits, new_states)``: float32 logits [b, t, vocab] and the states after the last token.
+      ``(logits, new_states)``: float32 logits [b, t, vocab] ([b, n, vocab] with ``logit_positions``) and the
+      states after the last token.
     """
     cfg = self.config
     dtype = as_dtype(cfg.dtype) or jnp.float32
@@ -419,6 +422,8 @@ class Model(nn.Module):
     if cfg.recon_weight > 0:  # read with mutable=["aux"]; the loss is the train step's (it knows the padding)
       self.sow("aux", "reconstruction", jnp.einsum("btd,df->btf", x, self.recon_head.astype(dtype),
                                                    preferred_element_type=jnp.float32) + self.recon_bias)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
     head = self.embed.T if cfg.tie_embeddings else self.head
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     return logits, new_states

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from memarch.ops import memory_bank
@@ -89,11 +90,44 @@ def recon_weight(model: nn.Module) -> float:
   return float(getattr(getattr(model, "config", None), "recon_weight", 0.0) or 0.0)
 
 
+def labelled_positions(targets: jax.Array, labels_per_row: int) -> jax.Array:
+  """int32 [b, n]: the first ``n = labels_per_row`` labelled positions of each row, then unlabelled ones.
+
+  Rows with fewer labels are filled with unlabelled positions (their targets are IGNORE, so they add nothing);
+  rows with more would lose the rest: the train loop checks every batch on the host first.
+  """
+  n = min(labels_per_row, targets.shape[1])
+  order = jnp.argsort((targets == IGNORE).astype(jnp.int32), axis=1, stable=True)
+  return order[:, :n].astype(jnp.int32)
+
+
+def check_labels_per_row(targets: Any, labels_per_row: int | None) -> None:
+  """Host-side check of one batch's targets against ``labels_per_row`` (None: nothing to check).
+
+  Raises:
+    ValueError: naming ``labels_per_row`` when a row has more labelled targets, whose loss would be dropped.
+  """
+  if labels_per_row is None:
+    return
+  most = int(np.max(np.sum(np.asarray(targets) != IGNORE, axis=-1), initial=0))
+  if most > labels_per_row:
+    raise ValueError(f"labels_per_row={labels_per_row}: a training row has {most} labelled targets; set it to at "
+                     "least that (MQAR: input.num_kv_pairs) or to None")
+
+
 def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: jax.Array | None = None,
-             stats: dict[str, jax.Array] | None = None) -> jax.Array:
-  """The logits; with ``stats`` (a dict) and ``recon_weight(model) > 0`` it also adds the reconstruction sums."""
+             stats: dict[str, jax.Array] | None = None, logit_positions: jax.Array | None = None) -> jax.Array:
+  """The logits; with ``stats`` (a dict) and ``recon_weight(model) > 0`` it also adds the reconstruction sums.
+
+  With ``logit_positions`` [b, n] only the logits at those positions, [b, n, vocab].
+  """
   kwargs = {"segment_ids": batch["segment_ids"]}
   accepted = inspect.signature(type(model).__call__).parameters
+  if logit_positions is not None:
+    if "logit_positions" not in accepted:
+      raise ValueError(f"labels_per_row: {type(model).__name__} cannot compute logits at selected positions "
+                       "(no `logit_positions` argument); set labels_per_row=None")
+    kwargs["logit_positions"] = logit_positions
   # Models that derive positions from segment_ids take no `positions` argument.
   if "positions" in accepted:
     kwargs["positions"] = batch["positions"]
@@ -110,7 +144,8 @@ def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: 
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: Callable,
-               p_generic: float = 0.0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               p_generic: float = 0.0, labels_per_row: int | None = None
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimizer step (jit it with the state donated).
 
   Args:
@@ -121,6 +156,9 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
     schedule: step -> learning rate (for the ``lr`` metric).
     p_generic: probability per row of routing to the generic memory (``config.memory.p_generic``); the key is
       ``fold_in(state["rng"], step)``.
+    labels_per_row: ``config.labels_per_row``: no row has more labelled targets than this, so the head runs only
+      at the first ``labels_per_row`` labelled positions of each row (spec bmojo.md §6.5: MQAR labels ``kv`` of
+      ``T`` positions). The loss and accuracies are the same as with every position; None: every position.
 
   Returns:
     ``(new_state, metrics)`` with metrics ``loss``, ``accuracy``, ``token_accuracy``, ``l2_grads``, ``l2_params``,
@@ -133,9 +171,14 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
 
   weight = recon_weight(model)
 
+  targets, logit_positions = batch["targets"], None
+  if labels_per_row is not None:
+    logit_positions = labelled_positions(targets, labels_per_row)
+    targets = jnp.take_along_axis(targets, logit_positions, axis=1)
+
   def loss_fn(params):
     recon = {}
-    stats = batch_stats(_forward(model, params, batch, route, recon), batch["targets"])
+    stats = batch_stats(_forward(model, params, batch, route, recon, logit_positions), targets)
     loss = stats["nll"] / jnp.maximum(stats["tokens"], 1.0)
     if recon:  # spec hcam.md §7: the auxiliary frame reconstruction
       loss = loss + weight * recon["recon_sq"] / jnp.maximum(recon["recon_frames"], 1.0)

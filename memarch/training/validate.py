@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -76,6 +77,14 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
   for name, _ in config.logical_axis_rules:
     if name not in sharding.WEIGHT_AXES + sharding.ACTIVATION_AXES:
       errors.append(f"logical_axis_rules: unknown logical axis {name!r}")
+
+  labels = config.get("labels_per_row")
+  if labels is not None and (not isinstance(labels, int) or labels < 1):
+    errors.append(f"labels_per_row={labels!r} must be a positive int or None")
+  elif labels is not None and model is not None and "logit_positions" not in inspect.signature(
+      type(model).__call__).parameters:
+    errors.append(f"labels_per_row={labels}: model {config.model_name!r} cannot compute logits at selected "
+                  "positions (no `logit_positions` argument); set it to None")
 
   batch = config.input.get("batch_size")
   if not isinstance(batch, int) or batch <= 0:
