@@ -273,6 +273,31 @@ def query_block_size(block: int, window: int, query_block: int | None = None) ->
   return max(d for d in range(1, min(block, cap) + 1) if block % d == 0)
 
 
+def store_group_size(blocks: int, block: int, back: int, k_sel: int, carried: int, kv_width: int,
+                     heads: int, store_group: int | None = None) -> int:
+  """Selection blocks per group of the store read: the divisor ``S`` of ``blocks`` with the least traffic.
+
+  A group of ``S`` blocks of ``Q`` queries reads ``carried + (back + S) k_sel`` store keys: per query that is
+  ``keys · (kv_width / (S Q) + heads)`` floats (the keys' copy shared by the group, plus one logit per head).
+  With long blocks (C = W = 512) the minimum is S = 1; with MQAR's C = 8 and a band of 32 chunks it is S = 8.
+
+  Args:
+    blocks: selection blocks in the call.
+    block: queries per block ``Q``.
+    back: earlier blocks whose entries a block may read.
+    k_sel: entries per block.
+    carried: store entries carried into the call (read by every group).
+    kv_width: ``kv_heads · head_dim``.
+    heads: query heads.
+    store_group: upper bound on ``S`` (None: none). The result never changes the output.
+  """
+  if store_group is not None and store_group < 1:
+    raise ValueError(f"bmojo_attention: store_group={store_group} must be >= 1")
+  cap = blocks if store_group is None else min(store_group, blocks)
+  cost = lambda s: (carried + (back + s) * k_sel) * (kv_width / (s * block) + heads)
+  return min((d for d in range(1, cap + 1) if blocks % d == 0), key=lambda d: (cost(d), d))
+
+
 def _logits(q: Array, k: Array, scale: float) -> Array:
   """q [b, n, Q, kh, g, e], k [b, n, S, kh, e] -> float32 [b, n, kh, g, Q, S]."""
   return jnp.einsum("bnqkge,bnske->bnkgqs", q, k, preferred_element_type=jnp.float32) * scale
@@ -296,6 +321,7 @@ def bmojo_attention(
     scale: float | None = None,
     return_store_read: bool = False,
     query_block: int | None = None,
+    store_group: int | None = None,
 ):
   """One call of the B'MOJO read (B'MOJO-F when ``memory`` has no store slots), from ``memory`` to the new one.
 
@@ -318,6 +344,8 @@ def bmojo_attention(
     return_store_read: also return, per query, the positions of the store entries it reads (for tests).
     query_block: at most this many queries per sub-block of the in-context / fading read
       (:func:`query_block_size`; None: automatic).
+    store_group: at most this many selection blocks per group of the store read (:func:`store_group_size`;
+      None: automatic). A speed knob only.
       A speed knob only: every value gives the same output.
 
   Returns:
@@ -392,8 +420,6 @@ def bmojo_attention(
     chunk = offsets // c
     valid = jnp.ones((b, t), bool)
     cand = memory.candidates
-    q_pos = pos_p.reshape(b, nb, bq)[..., :, None]
-    q_seg = seg_p.reshape(b, nb, bq)[..., :, None]
     # Candidate stream: the carried C - 1 tokens, then this call's tokens (padded ones are invalid).
     stream = StoreEntries(
         _cat(cand.k, _pad_time(k, pad).astype(sd)), _cat(cand.v, _pad_time(v, pad).astype(sd)),
@@ -419,22 +445,29 @@ def bmojo_attention(
     new = new._replace(positions=jnp.where(has[..., None], new.positions, -1))
 
     # Store keys of query block b: entries written in blocks b - back .. b (earlier blocks' chunks are more than
-    # M / k_sel chunks old for every query of block b), plus the carried store unless fresh.
+    # M / k_sel chunks old for every query of block b), plus the carried store unless fresh. Read per group of
+    # `sup` consecutive blocks (blocks jS - back .. jS + S - 1), which copies the entries fewer times when the
+    # blocks are short (small C).
     back = min(band, nb - 1)
+    sup = store_group_size(nb, bq, back, k_sel, 0 if fresh else m, kh * e, h, store_group)
+    nsup = nb // sup
     front = lambda z: jnp.pad(z, [(0, 0), (back, 0)] + [(0, 0)] * (z.ndim - 2),
                               constant_values=-1 if z.dtype == jnp.int32 else 0)
-    read = [_windows(front(z), nb, back + 1, 1).reshape((b, nb, (back + 1) * k_sel) + z.shape[3:])
+    read = [_windows(front(z), nsup, back + sup, sup).reshape((b, nsup, (back + sup) * k_sel) + z.shape[3:])
             for z in new[:5]]
     if not fresh:
       store = memory.store
-      read = [jnp.concatenate([jnp.broadcast_to(old[:, None], (b, nb) + old.shape[1:]).astype(z.dtype), z], axis=2)
-              for old, z in zip(store[:5], read)]
+      read = [jnp.concatenate([jnp.broadcast_to(old[:, None], (b, nsup) + old.shape[1:]).astype(z.dtype), z],
+                              axis=2) for old, z in zip(store[:5], read)]
     s_k, s_v, s_pos, s_seg, s_chunk = read
-    q_chunk = _pad_time(chunk, pad).reshape(b, nb, bq)[..., :, None]
-    store_mask = ((s_pos[:, :, None] >= 0) & (s_seg[:, :, None] == q_seg) & (s_pos[:, :, None] <= q_pos - w)
+    group = lambda z: z.reshape(b, nsup, sup * bq)[..., :, None]
+    q_chunk = group(_pad_time(chunk, pad))
+    store_mask = ((s_pos[:, :, None] >= 0) & (s_seg[:, :, None] == group(seg_p))
+                  & (s_pos[:, :, None] <= group(pos_p) - w)
                   & (s_chunk[:, :, None] <= q_chunk - 1) & (s_chunk[:, :, None] >= q_chunk - band))
-    # Store logits per selection block, laid out per sub-block: [b, nb, per, kh, g, R, S] -> [b, ns, kh, g, R, S].
-    st = jnp.einsum("bnprkge,bnske->bnpkgrs", q_p.reshape(b, nb, per, rq, kh, g, e), s_k,
+    # Store logits per group, laid out per sub-block: [b, nsup, per', kh, g, R, S] -> [b, ns, kh, g, R, S].
+    per_group = sup * per
+    st = jnp.einsum("bnprkge,bnske->bnpkgrs", q_p.reshape(b, nsup, per_group, rq, kh, g, e), s_k,
                     preferred_element_type=jnp.float32) * scale
     logits.append(st.reshape(b, ns, kh, g, rq, -1))
     masks.append(store_mask.reshape(b, ns, rq, -1))
@@ -460,7 +493,7 @@ def bmojo_attention(
   out = jnp.einsum("bnkgqs,bnske->bnqkge", probs[..., :n_cf], values, preferred_element_type=jnp.float32)
   out = out.reshape(b, tp, h, e)
   if s_v is not None:
-    p_st = probs[..., n_cf:].reshape((b, nb, per, kh, g, rq, -1))
+    p_st = probs[..., n_cf:].reshape((b, nsup, per_group, kh, g, rq, -1))
     out = out + jnp.einsum("bnpkgrs,bnske->bnprkge", p_st, s_v.astype(v.dtype),
                            preferred_element_type=jnp.float32).reshape(b, tp, h, e)
   out = out[:, :t].astype(q.dtype)
@@ -478,7 +511,10 @@ def bmojo_attention(
   if return_store_read:
     if store_pos is None:
       store_pos = jnp.full((b, nb, bq, 0), -1, jnp.int32)
-    return out, new_memory, store_pos.reshape(b, tp, -1)[:, :t]
+    # Sliced in float32 (exact below 2^24): jax 0.10.2's CPU backend fails to compile the int32 select + slice
+    # fusion for some shapes ("Cannot select X86ISD::SUBV_BROADCAST_LOAD"). Inspection only.
+    store_pos = store_pos.astype(jnp.float32).reshape(b, tp, -1)[:, :t]
+    return out, new_memory, store_pos.astype(jnp.int32)
   return out, new_memory
 
 

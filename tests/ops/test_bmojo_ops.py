@@ -91,25 +91,26 @@ def _memory(cfg, b=B):
 
 
 @functools.cache
-def _fast_cached(cfg_items, untied, query_block):
-  return _fast_impl(dict(cfg_items), untied, query_block)
+def _fast_cached(cfg_items, untied, query_block, store_group):
+  return _fast_impl(dict(cfg_items), untied, query_block, store_group)
 
 
-def _fast(cfg, untied=False, query_block=None):
-  return _fast_cached(tuple(sorted(cfg.items())), untied, query_block)
+def _fast(cfg, untied=False, query_block=None, store_group=None):
+  return _fast_cached(tuple(sorted(cfg.items())), untied, query_block, store_group)
 
 
-def _fast_impl(cfg, untied, query_block):
+def _fast_impl(cfg, untied, query_block, store_group):
   @jax.jit
   def run(q, k, v, kf, vf, qf, score, seg, memory):
     return bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
                                  q_fade=qf if untied else None, chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
-                                 return_store_read=True, query_block=query_block)
+                                 return_store_read=True, query_block=query_block,
+                                 store_group=store_group)
   return run
 
 
-def _streamed(cfg, bounds, untied=False, inputs=None, query_block=None):
-  run = _fast(cfg, untied, query_block)
+def _streamed(cfg, bounds, untied=False, inputs=None, query_block=None, store_group=None):
+  run = _fast(cfg, untied, query_block, store_group)
   q, k, v, kf, vf, qf, score = inputs or _inputs()
   memory, outs, reads = _memory(cfg), [], []
   seg = jnp.asarray(SEG)
@@ -125,21 +126,23 @@ def _read_sets(store_read):
   return [[sorted(int(p) for p in row if p >= 0) for row in batch] for batch in store_read]
 
 
-@pytest.mark.parametrize("name,untied,query_block", [
-    ("bmojo", False, None), ("bmojo", True, 2), ("bmojo_f", False, 2), pytest.param("bmojo_f", True, None,
-                                                                                     marks=pytest.mark.slow),
-    pytest.param("c_lt_w", True, None, marks=pytest.mark.slow), pytest.param("c_lt_w", False, 1,
-                                                                             marks=pytest.mark.slow)])
-def test_naive_equals_block_banded_and_streaming(name, untied, query_block):
+@pytest.mark.parametrize("name,untied,query_block,store_group", [
+    ("bmojo", False, None, None), ("bmojo", True, 2, 3), ("bmojo_f", False, 2, None),
+    pytest.param("bmojo_f", True, None, None, marks=pytest.mark.slow),
+    pytest.param("c_lt_w", True, None, None, marks=pytest.mark.slow),
+    pytest.param("c_lt_w", False, 1, 2, marks=pytest.mark.slow)])
+def test_naive_equals_block_banded_and_streaming(name, untied, query_block, store_group):
   # Given random q/k/v, fading k/v, innovation scores and packed documents in row 1
   cfg = CFGS[name]
   q, k, v, kf, vf, qf, score = _inputs()
   ref, ref_reads = naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg, qf=qf if untied else None)
   # When the fast path runs in one call, in uneven calls with the carried memory, and token by token
-  # (query_block: sub-blocks of the in-context / fading read, a speed knob that must not change anything)
-  full, mem_full, read_full = _streamed(cfg, [(0, T)], untied, query_block=query_block)
-  chunked, mem_chunked, _ = _streamed(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], untied, query_block=query_block)
-  steps, mem_steps, read_steps = _streamed(cfg, [(i, i + 1) for i in range(T)], untied, query_block=query_block)
+  # (query_block: sub-blocks of the in-context / fading read; store_group: blocks per group of the store read;
+  # speed knobs that must not change anything)
+  knobs = dict(query_block=query_block, store_group=store_group)
+  full, mem_full, read_full = _streamed(cfg, [(0, T)], untied, **knobs)
+  chunked, mem_chunked, _ = _streamed(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], untied, **knobs)
+  steps, mem_steps, read_steps = _streamed(cfg, [(i, i + 1) for i in range(T)], untied, **knobs)
   # Then outputs equal the reference, and so do the store entries each query reads and the final memories
   np.testing.assert_allclose(full, ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(chunked, ref, atol=1e-5, rtol=1e-5)
@@ -158,7 +161,7 @@ def test_gradients_naive_equal_block_banded():
   cfg = CFGS["bmojo"]
   q, k, v, kf, vf, qf, score = _inputs()
   ct = jax.random.normal(jax.random.key(9), (B, T, H, E))
-  run = _fast(cfg, untied=True, query_block=2)  # sub-blocked in-context / fading reads
+  run = _fast(cfg, untied=True, query_block=2, store_group=3)  # sub-blocked reads, grouped store reads
 
   def loss_fast(args):
     out = run(*args[:6], score, jnp.asarray(SEG), _memory(cfg))[0]
