@@ -25,9 +25,12 @@ What comes from where:
         every token of it (for query ``t`` at in-chunk offset ``o <= C - 1``, the chunk start is ``o`` steps back),
         and the chunk that ``t`` itself completes is also still inside the window. So no step is missed, nothing
         leaks from the future, and full forward == chunk-by-chunk == token-by-token exactly (up to float rounding).
-      - *Bounded state.* ``max_chunks`` chunks, FIFO eviction (the oldest chunk is dropped when a new one arrives
-        at capacity); within one long call, a query also cannot read chunks that streaming would have evicted by its
-        time, so both forms agree.
+      - *Bounded state.* A query reads at most ``max_chunks`` chunks, with FIFO eviction (the oldest leaves when a
+        new one arrives at capacity); within one long call, a query also cannot read chunks that streaming would
+        have evicted by its time, so both forms agree. The chunks live in a ring of ``max_chunks + 1`` slots written
+        in place: a decode step writes one chunk slot instead of copying the memory, and the extra slot lets it read
+        after writing (:class:`memarch.ops.hcam.HCAMMemory`). Top-k breaks exact score ties by chunk age, not
+        slot, so the slot order never matters.
       - *The residual inside the mixer.* The mixer sees only ``u = RMSNorm(x)``, so the HCAM sub-block's pre-norm
         input is ``u + a`` rather than the spec's ``x + a`` (RMSNorm removes the scale of ``x``; the two differ in
         the relative weight of ``a``). Building the block without the LM's pre-norm would need the LM to call the
@@ -79,7 +82,7 @@ class HCAMRead(nn.Module):
 
   @nn.compact
   def __call__(self, queries: Array, contents: Array, mask: Array, *, slot_mask: Array | None = None,
-               keys: Array | None = None) -> Array:
+               keys: Array | None = None, chunk_order: Array | None = None) -> Array:
     """Reads ``contents`` for every query.
 
     Args:
@@ -88,6 +91,8 @@ class HCAMRead(nn.Module):
       mask: [b, q, M] True where a query may read a chunk.
       slot_mask: [b, M, C] True where a chunk slot is filled (None: all are).
       keys: [b, M, D] chunk means kept with the memory (None: reduced from ``contents`` here).
+      chunk_order: [b, M] permutation of the chunks that breaks exact top-k score ties, first preferred (None: the
+        lower index; :func:`memarch.ops.hcam.write_memory` gives the chronological order of its ring buffer).
 
     Returns:
       [b, q, F] relevance-weighted sum of the within-chunk attention outputs (zero where nothing is readable).
@@ -114,15 +119,18 @@ class HCAMRead(nn.Module):
     queries, contents, *leaves = nn.dtypes.promote_dtype(queries, contents, *params, dtype=as_dtype(self.dtype))
     if self.is_mutable_collection("intermediates"):
       # Optional, for inspection only (``mutable=["intermediates"]``): the chunks each query reads and their
-      # relevance weights, ``selection = (weights [b, q, k], indices [b, q, k])`` as the read computes them.
+      # relevance weights, ``selection = (weights [b, q, k], indices [b, q, k])`` as the read computes them. The
+      # indices are slots of ``contents``: for HCAMBlock's first call (no state) the chunk numbers of the sequence;
+      # with a carried state, ring slots (chunk ``i`` at ``i mod (max_chunks + 1)``), then, when ``t > 1``, this
+      # call's new chunks in order. Ties are broken by ``chunk_order``, as in the read.
       readable = mask if slot_mask is None else mask & slot_mask.any(-1)[:, None, :]
       means = hcam_ops.chunk_means(contents, slot_mask) if keys is None else keys
       self.sow("intermediates", "selection", hcam_ops.select_chunks(
-          hcam_ops.HCAMParams(*leaves), queries, means, readable, self.top_k))
+          hcam_ops.HCAMParams(*leaves), queries, means, readable, self.top_k, chunk_order=chunk_order))
     return hcam_ops.hcam_read(
         hcam_ops.HCAMParams(*leaves), queries, contents, mask, top_k=self.top_k, slot_mask=slot_mask, keys=keys,
         path=self.path, stop_gradient_memory=self.stop_gradient_memory,
-        use_position_code=self.use_position_code)
+        use_position_code=self.use_position_code, chunk_order=chunk_order)
 
 
 class HCAMState(NamedTuple):
@@ -144,7 +152,7 @@ class HCAMBlock(nn.Module):
     head_dim: per-head width (default ``d_model // num_heads``).
     chunk_size: ``C``, vectors per memory chunk.
     top_k: chunks each query attends inside.
-    max_chunks: ``M_max``, chunks the memory holds (FIFO eviction beyond).
+    max_chunks: ``M_max``, chunks a query can read (FIFO eviction beyond; the ring has one more slot).
     window: local attention window (None: ``chunk_size``); must be ``>= chunk_size`` so the unfinished chunk is
       always visible locally.
     memory_source: what is stored: ``"normed"`` (the HCAM query ``z``, spec default) or ``"residual"`` (``u + a``,
@@ -224,9 +232,13 @@ class HCAMBlock(nn.Module):
         memory=hcam_ops.init_memory(batch_size, self.max_chunks, self.chunk_size, d, as_dtype(self.state_dtype)))
 
   def state_size(self, d_model: int | None = None) -> int:
-    """Floats of state per sequence: the KV window, ``max_chunks * (C + 1) * d`` (chunks, means), ``(C - 1) * d``."""
+    """Floats of state per sequence: the KV window, the ring's chunks and means, the last ``C - 1`` vectors.
+
+    That is ``window terms + (max_chunks + 1) (C + 1) d + (C - 1) d``: the ring has one slot more than a query reads
+    (:class:`memarch.ops.hcam.HCAMMemory`).
+    """
     d = self.check(d_model)
-    return (self._local(parent=None).state_size(d) + self.max_chunks * (self.chunk_size + 1) * d
+    return (self._local(parent=None).state_size(d) + (self.max_chunks + 1) * (self.chunk_size + 1) * d
             + (self.chunk_size - 1) * d)
 
   def setup(self):
@@ -260,9 +272,9 @@ class HCAMBlock(nn.Module):
     a, local = self.local(x, segment_ids=segment_ids, state=None if fresh else state.local)
     h = x + a
     z = self.memory_norm(h)
-    contents, keys, mask, memory = hcam_ops.write_memory(
+    contents, keys, mask, order, memory = hcam_ops.write_memory(
         state.memory, z if self.memory_source == "normed" else h, segment_ids.astype(jnp.int32), fresh=fresh)
-    y = a + self.read(z, contents, mask, keys=keys)
+    y = a + self.read(z, contents, mask, keys=keys, chunk_order=order)
     dtype = as_dtype(self.dtype) or x.dtype
     y = nn.with_logical_constraint(y.astype(dtype), ("act_batch", "act_len", "act_emb"))
     return y, HCAMState(local, memory)

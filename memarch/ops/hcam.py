@@ -174,6 +174,8 @@ def select_chunks(
     keys: Float[Array, "b m d"],
     mask: Bool[Array, "b q m"],
     top_k: int,
+    *,
+    chunk_order: Int[Array, "b m"] | None = None,
 ) -> tuple[Float[Array, "b q k"], Int[Array, "b q k"]]:
   """Relevance scores, top-k and the softmax over the selected, readable chunks (steps 1-3 of spec §3).
 
@@ -183,10 +185,14 @@ def select_chunks(
     keys: chunk summaries (means), already stop-gradiented by the caller if wanted.
     mask: True where query ``t`` may read chunk ``j``.
     top_k: ``k``; the op uses ``min(k, M)``.
+    chunk_order: a permutation of the chunk axis per row that ranks the chunks for exact score ties: among equal
+      scores, top-k prefers (and lists first) the chunk that comes first in this order. None: the lower index
+      (``lax.top_k``'s rule). :func:`write_memory` gives the chronological order (oldest first), so a ring-buffer
+      memory selects exactly what a chronological one would.
 
   Returns:
     ``(weights, indices)``: float32 [b, q, k_eff] weights (summing to 1 over readable chunks, all zero for a query
-    that may read none) and the int32 chunk indices they belong to.
+    that may read none) and the int32 chunk indices (into ``keys``' chunk axis) they belong to, best first.
   """
   d, f = params.summary_key.shape
   q, m = mask.shape[1:]
@@ -201,7 +207,13 @@ def select_chunks(
     s = jnp.einsum("bqf,bmf->bqm", a, jnp.einsum("bmd,df->bmf", keys, u_k), preferred_element_type=jnp.float32)
   s = s / math.sqrt(f)
   k_eff = min(top_k, mask.shape[-1])
-  top, idx = jax.lax.top_k(jnp.where(mask, s, _NEG), k_eff)
+  s = jnp.where(mask, s, _NEG)
+  if chunk_order is None:
+    top, idx = jax.lax.top_k(s, k_eff)
+  else:  # top-k over the scores listed in ``chunk_order`` (lax.top_k keeps the first of equal scores), mapped back
+    order = jnp.broadcast_to(chunk_order[:, None, :], s.shape).astype(jnp.int32)
+    top, rank = jax.lax.top_k(jnp.take_along_axis(s, order, axis=-1), k_eff)
+    idx = jnp.take_along_axis(order, rank, axis=-1)
   ok = jnp.take_along_axis(mask, idx, axis=-1)
   # Safe softmax over the readable selected scores only: no exp of a masked score, no 0/0.
   shift = jax.lax.stop_gradient(jnp.max(jnp.where(ok, top, _NEG), axis=-1, keepdims=True))
@@ -246,6 +258,7 @@ def hcam_read(
     path: HCAMPath | str = HCAMPath.AUTO,
     stop_gradient_memory: bool = True,
     use_position_code: bool = True,
+    chunk_order: Int[Array, "b m"] | None = None,
 ) -> Float[Array, "b q f"]:
   """Reads the chunked memory for every query (spec §3, edge cases of §5, paths of §8).
 
@@ -262,6 +275,8 @@ def hcam_read(
       few queries over a long memory, gather-projected for many queries over a very long memory).
     stop_gradient_memory: stop gradients into ``contents`` and ``keys`` (the reference's behaviour).
     use_position_code: add :func:`position_code` to the contents before the key / value projections.
+    chunk_order: tie-break order of the chunks for top-k (:func:`select_chunks`; None: the lower index first).
+      With it the output does not depend on where the chunks sit in ``contents`` (a ring buffer).
 
   Returns:
     [b, q, F] outputs in the queries' dtype; exactly zero for a query that may read no chunk.
@@ -271,6 +286,8 @@ def hcam_read(
   h, dk = params.query.shape[1:]
   if mask.shape != (b, q, m):
     raise ValueError(f"hcam_read: mask {mask.shape} must be [b, q, M]={(b, q, m)}")
+  if chunk_order is not None and chunk_order.shape != (b, m):
+    raise ValueError(f"hcam_read: chunk_order {chunk_order.shape} must be [b, M]={(b, m)}")
   dtype = queries.dtype
   if slot_mask is not None:
     mask = mask & slot_mask.any(-1)[:, None, :]
@@ -285,7 +302,7 @@ def hcam_read(
     pe = position_code(c, d).astype(dtype)
     key_bias, value_bias = _project(pe, params.key, key_bias), _project(pe, params.value, value_bias)  # [C, H, dk]
 
-  weights, idx = select_chunks(params, queries, keys, mask, top_k)  # [b, q, k]
+  weights, idx = select_chunks(params, queries, keys, mask, top_k, chunk_order=chunk_order)  # [b, q, k]
   k_eff = idx.shape[-1]
   path = resolve_path(path, num_queries=q, num_chunks=m, chunk_size=c, top_k=k_eff, d_in=d, d_out=h * dk)
   qh = _project(queries, params.query, params.query_bias)  # [b, q, h, dk]
@@ -342,22 +359,30 @@ class HCAMMemory(NamedTuple):
   """The chunked memory one HCAM layer writes while it reads a sequence (spec §2, §6; layout ours).
 
   Chunks are ``C`` consecutive stored vectors of one document, cut at in-document offsets that are multiples of
-  ``C``; a chunk is written only when full. The buffer is chronological (oldest first, empty slots at the front)
-  and FIFO: writing past ``M_max`` chunks drops the oldest, which is the spec's ring buffer with the read order
-  fixed, so no write pointer is needed.
+  ``C``; a chunk is written only when full. A query reads at most ``M_max`` chunks: the last ``M_max`` completed
+  before it (FIFO eviction). The buffer is a ring of ``S = M_max + 1`` slots (spec §2): the chunk with running index
+  ``i`` lives in slot ``i mod S`` and is written there in place, so the write pointer is ``num_chunks mod S``. The
+  one extra slot holds the chunk that has just left the FIFO (no query may read it any more): a decode step can
+  then write its new chunk first and read the updated ring, so the read never needs the overwritten chunk and XLA
+  updates the ring in place instead of copying it (reading the ring as it was before an in-place write would make
+  XLA keep, i.e. copy, that version). Slot order is not chronological, and nothing depends on it: the read mask is
+  built from ``chunk_index``, and top-k breaks exact score ties by chronological order (``chunk_order`` of
+  :func:`write_memory`), so a read selects what a chronological (oldest-first) buffer would.
 
   Attributes:
-    contents: [b, M_max, C, D] stored chunks (float32 by default).
-    keys: [b, M_max, D] the mean of each stored chunk (its summary before ``U_k``, spec §2), computed once when the
-      chunk is written, so a read costs ``O(M D)`` for the summaries instead of re-reducing ``O(M C D)`` contents;
+    contents: [b, S, C, D] stored chunks (float32 by default), chunk ``i`` in slot ``i mod S``.
+    keys: [b, S, D] the mean of each stored chunk (its summary before ``U_k``, spec §2), computed once when the
+      chunk is written, so a read costs ``O(S D)`` for the summaries instead of re-reducing ``O(S C D)`` contents;
       zero for an empty slot.
-    chunk_index: [b, M_max] running index of each chunk in its row (0 for the row's first chunk); -1: empty slot.
-    segment: [b, M_max] document id of each chunk.
+    chunk_index: [b, S] running index of each chunk in its row (0 for the row's first chunk, counted across
+      documents); -1: empty slot.
+    segment: [b, S] document id of each chunk.
     recent: [b, C - 1, D] the last ``C - 1`` stored vectors (the spec's accumulator as a sliding buffer: a chunk
       completed by the next call's first tokens takes its head from here).
     offset: [b] in-document offset of the next token, modulo ``C``.
     last_segment: [b] document id of the last token seen (-1 before the first token).
-    num_chunks: [b] chunks written so far in this row (the next chunk's ``chunk_index``).
+    num_chunks: [b] chunks written so far in this row (the next chunk's ``chunk_index``; its slot is
+      ``num_chunks mod S``, the spec's ``write_ptr``).
   """
   contents: Array
   keys: Array
@@ -371,12 +396,16 @@ class HCAMMemory(NamedTuple):
 
 def init_memory(batch_size: int, max_chunks: int, chunk_size: int, width: int,
                 dtype: jnp.dtype = jnp.float32) -> HCAMMemory:
-  """An empty memory of ``max_chunks`` chunks of ``chunk_size`` vectors of ``width`` floats."""
+  """An empty memory whose queries read up to ``max_chunks`` chunks of ``chunk_size`` vectors of ``width`` floats.
+
+  The ring has ``max_chunks + 1`` slots (:class:`HCAMMemory`).
+  """
+  slots = max_chunks + 1
   return HCAMMemory(
-      contents=jnp.zeros((batch_size, max_chunks, chunk_size, width), dtype),
-      keys=jnp.zeros((batch_size, max_chunks, width), dtype),
-      chunk_index=jnp.full((batch_size, max_chunks), -1, jnp.int32),
-      segment=jnp.zeros((batch_size, max_chunks), jnp.int32),
+      contents=jnp.zeros((batch_size, slots, chunk_size, width), dtype),
+      keys=jnp.zeros((batch_size, slots, width), dtype),
+      chunk_index=jnp.full((batch_size, slots), -1, jnp.int32),
+      segment=jnp.zeros((batch_size, slots), jnp.int32),
       recent=jnp.zeros((batch_size, chunk_size - 1, width), dtype),
       offset=jnp.zeros((batch_size,), jnp.int32),
       last_segment=jnp.full((batch_size,), -1, jnp.int32),
@@ -389,13 +418,22 @@ def write_memory(
     segment_ids: Int[Array, "b t"],
     *,
     fresh: bool = False,
-) -> tuple[Array, Array, Array, HCAMMemory]:
+) -> tuple[Array, Array, Array, Array | None, HCAMMemory]:
   """Cuts this call's stored vectors into chunks and says which chunks each of its queries may read (spec §6).
 
   Query ``t`` may read chunk ``j`` iff the chunk is complete and entirely in its past (it ended *before* ``t``;
   the chunk ending at ``t`` itself is left to local attention), belongs to the same document, and would still be
   in a streaming FIFO buffer of ``M_max`` chunks at time ``t`` (``n_done(t) - index_j <= M_max``). The last rule
   keeps one long call exactly equal to streaming.
+
+  The new chunks are written into their ring slots (``chunk_index mod S``, ``S = M_max + 1``) by one in-place
+  scatter, whatever ``t``; of more than ``S`` new chunks only the last ``S`` are written (the others are evicted
+  within the call). A decode step (``t == 1``) then reads the updated ring: the chunk it may have overwritten had
+  already left the FIFO, and the chunk it may have written ends at (not before) the token. So a decode step
+  touches ``O(C D)`` floats of contents, not the whole ring, and under ``jit`` with the state donated or carried
+  through ``lax.scan`` XLA updates the ring in place. A call with ``t > 1`` reads the ring as it was before the
+  call followed by its new chunks (one copy of the ring per call, for the early queries that still see chunks the
+  call's later writes evict).
 
   Args:
     memory: the memory before this call.
@@ -404,14 +442,17 @@ def write_memory(
     fresh: ``memory`` is known to be empty (``init_memory``): the carried slots are left out of the read.
 
   Returns:
-    ``(contents, keys, mask, new_memory)``: the chunks readable in this call [b, M', C, D] (the carried buffer and
-    the ``N = ceil((t + C - 1) / C)`` slots for chunks completed in this call; only the latter when ``fresh``, only
-    the former when ``t == 1``),
-    their means [b, M', D] (the carried ones from ``memory.keys``, only the new chunks are reduced), the read mask
-    [b, t, M'], and the memory after the call.
+    ``(contents, keys, mask, chunk_order, new_memory)``: the chunks readable in this call [b, M', C, D] (the
+    carried ring as it was before the call, then the ``N = ceil((t + C - 1) / C)`` slots for chunks completed in
+    this call, in order; only the latter when ``fresh``; the ring after the write when ``t == 1``), their means
+    [b, M', D] (the carried ones from ``memory.keys``, only the new chunks are reduced), the read mask [b, t, M'],
+    the chronological order of those M' slots (oldest first; pass it to :func:`hcam_read` so that score ties are
+    broken as in a chronological buffer; None when ``fresh``: the new slots are already in order), and the memory
+    after the call.
   """
   b, t, _ = stored.shape
-  m_max, c = memory.contents.shape[1:3]
+  slots, c = memory.contents.shape[1:3]
+  m_max = slots - 1  # chunks a query may read (init_memory's max_chunks)
   n = (t + c - 1) // c  # static bound on the chunks this call can complete
   tt = jnp.arange(t, dtype=jnp.int32)
   prev = jnp.concatenate([memory.last_segment[:, None], segment_ids[:, :-1]], axis=1)
@@ -433,29 +474,38 @@ def write_memory(
   new_index = jnp.where(jnp.arange(n) < n_new[:, None], memory.num_chunks[:, None] + jnp.arange(n), -1)
   new_segment = jnp.take_along_axis(segment_ids, jnp.maximum(end_pos, 0), axis=1)
 
-  all_contents = jnp.concatenate([memory.contents, new_contents], axis=1)
-  all_keys = jnp.concatenate([memory.keys, new_keys], axis=1)
-  all_index = jnp.concatenate([memory.chunk_index, new_index], axis=1)
-  all_segment = jnp.concatenate([memory.segment, new_segment], axis=1)
-  if fresh:
-    read_contents, read_keys, read_index, read_segment = new_contents, new_keys, new_index, new_segment
-  elif t == 1:  # decoding: a chunk the only token completes ends at (not before) it, so read the carried buffer
-    read_contents, read_keys, read_index, read_segment = (memory.contents, memory.keys, memory.chunk_index,
-                                                          memory.segment)
-  else:
-    read_contents, read_keys, read_index, read_segment = all_contents, all_keys, all_index, all_segment
-  idx, nd = read_index[:, None, :], n_done[:, :, None]
-  mask = (idx >= 0) & (idx < nd) & (nd - idx <= m_max) & (read_segment[:, None, :] == segment_ids[:, :, None])
-
-  # FIFO: the valid new chunks are a prefix of the new slots; keep the last M_max of (carried, new).
-  keep = lambda z: jax.vmap(lambda zb, s: jax.lax.dynamic_slice_in_dim(zb, s, m_max, axis=0))(z, n_new)
+  # Ring write: new chunk r (index num_chunks + r) goes to slot (num_chunks + r) mod S if it is valid and among the
+  # last S of this call (so the written slots are distinct); the others get slot S, out of range, and are dropped.
+  r = jnp.arange(n, dtype=jnp.int32)
+  write = (r < n_new[:, None]) & (r >= n_new[:, None] - slots)
+  ring_slot = jnp.where(write, (memory.num_chunks[:, None] + r) % slots, slots)
+  # vmap: a scatter with a batch dimension, which XLA keeps sharded like the batch.
+  put = lambda buf, new: jax.vmap(lambda z, i, u: z.at[i].set(u, mode="drop"))(buf, ring_slot, new.astype(buf.dtype))
   new_memory = HCAMMemory(
-      contents=keep(all_contents),
-      keys=keep(all_keys),
-      chunk_index=keep(all_index),
-      segment=keep(all_segment),
+      contents=put(memory.contents, new_contents),
+      keys=put(memory.keys, new_keys),
+      chunk_index=put(memory.chunk_index, new_index),
+      segment=put(memory.segment, new_segment),
       recent=stream[:, stream.shape[1] - (c - 1):].astype(memory.recent.dtype),
       offset=(offset[:, -1] + 1) % c,
       last_segment=segment_ids[:, -1].astype(jnp.int32),
       num_chunks=memory.num_chunks + n_new)
-  return read_contents.astype(stored.dtype), read_keys, mask, new_memory
+
+  # Chronological order of a ring's slots: the oldest is at the write pointer (while the ring is not yet full the
+  # empty slots come first; they are never readable).
+  ring_order = lambda num_chunks: (num_chunks[:, None] + jnp.arange(slots, dtype=jnp.int32)) % slots
+  if fresh:
+    read_contents, read_keys, read_index, read_segment = new_contents, new_keys, new_index, new_segment
+    read_order = None
+  elif t == 1:  # decoding: read the ring after the write (see above), so that XLA writes it in place
+    read_contents, read_keys, read_index, read_segment = (new_memory.contents, new_memory.keys,
+                                                          new_memory.chunk_index, new_memory.segment)
+    read_order = ring_order(new_memory.num_chunks)
+  else:  # the carried ring (before this call evicts from it) then the new chunks
+    cat = lambda old, new: jnp.concatenate([old, new], axis=1)
+    read_contents, read_keys = cat(memory.contents, new_contents), cat(memory.keys, new_keys)
+    read_index, read_segment = cat(memory.chunk_index, new_index), cat(memory.segment, new_segment)
+    read_order = cat(ring_order(memory.num_chunks), slots + jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)))
+  idx, nd = read_index[:, None, :], n_done[:, :, None]
+  mask = (idx >= 0) & (idx < nd) & (nd - idx <= m_max) & (read_segment[:, None, :] == segment_ids[:, :, None])
+  return read_contents.astype(stored.dtype), read_keys, mask, read_order, new_memory

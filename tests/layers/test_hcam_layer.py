@@ -53,26 +53,28 @@ def test_full_equals_token_by_token_and_chunks_with_eviction():
   np.testing.assert_allclose(y_chk, y_full, atol=1e-5, rtol=1e-5)
   _assert_states_close(s_tok, s_full)
   _assert_states_close(s_chk, s_full)
-  # and the memory holds the last 2 of the 4 chunks (indices 2, 3), oldest first, as the stored vectors 6..11
+  # and the 3-slot ring (max_chunks + 1) holds the last 2 of the 4 chunks (indices 2, 3: the stored vectors 6..11)
+  # and chunk 1, just evicted, each in slot i mod 3
   assert isinstance(s_full, HCAMState)
-  np.testing.assert_array_equal(s_full.memory.chunk_index, [[2, 3], [2, 3]])
+  np.testing.assert_array_equal(s_full.memory.chunk_index, [[3, 1, 2], [3, 1, 2]])
   np.testing.assert_array_equal(s_full.memory.num_chunks, [4, 4])
   np.testing.assert_array_equal(s_full.memory.offset, [1, 1])
   z = jax.jit(lambda p, v: layer.apply(p, v, method=lambda m, u: m.memory_norm(u + m.local(u)[0])))(params, x)
-  np.testing.assert_allclose(s_full.memory.contents, z[:, 6:12].reshape(2, 2, 3, 16), atol=1e-6)
+  kept = s_full.memory.contents[:, jnp.array([2, 0])]  # chunks 2, 3
+  np.testing.assert_allclose(kept, z[:, 6:12].reshape(2, 2, 3, 16), atol=1e-6)
   np.testing.assert_allclose(s_full.memory.recent, z[:, 11:13], atol=1e-6)
   # and in every form the state's means are the means of the stored chunks (written once, never re-reduced)
   for s in (s_full, s_tok, s_chk):
     np.testing.assert_allclose(s.memory.keys, s.memory.contents.mean(2), atol=1e-6, rtol=1e-6)
-  np.testing.assert_allclose(s_full.memory.keys, z[:, 6:12].reshape(2, 2, 3, 16).mean(2), atol=1e-6)
 
 
 def test_the_read_uses_the_means_kept_in_the_state():
-  # Given a state after 9 tokens (3 chunks, 2 kept) and the same state with the kept means replaced
+  # Given a state after 9 tokens (3 chunks in the 3-slot ring; chunk 0 is no longer readable) and the same state
+  # with the kept mean of chunk 2 replaced
   layer, apply, params, x = _setup()
   _, state = apply(params, x[:, :9])
-  np.testing.assert_array_equal(state.memory.chunk_index, [[1, 2], [1, 2]])
-  moved = state._replace(memory=state.memory._replace(keys=state.memory.keys.at[:, 0].multiply(-3.0)))
+  np.testing.assert_array_equal(state.memory.chunk_index, [[0, 1, 2], [0, 1, 2]])
+  moved = state._replace(memory=state.memory._replace(keys=state.memory.keys.at[:, 2].multiply(-3.0)))
   # When the next token is decoded from each (window 3: token 9 sees tokens 7..9 locally, chunks 1, 2 via HCAM)
   y, _ = apply(params, x[:, 9:10], state=state)
   y_moved, _ = apply(params, x[:, 9:10], state=moved)
@@ -155,7 +157,7 @@ def test_documents_read_only_their_own_chunks_full_and_streaming():
     np.testing.assert_allclose(y_packed[row:row + 1, start:], alone, atol=1e-5, rtol=1e-5)
   # and chunks are cut at in-document offsets: doc 2 of row 0 (8 tokens) wrote 2 chunks, doc 1 (5 tokens) one
   np.testing.assert_array_equal(s_packed.memory.num_chunks, [3, 3])
-  np.testing.assert_array_equal(s_packed.memory.segment[0], [2, 2])
+  np.testing.assert_array_equal(s_packed.memory.segment[0], [1, 2, 2])
 
 
 def test_ballet_eval_shapes_leave_no_lone_query_block(monkeypatch):
@@ -186,10 +188,11 @@ def test_ballet_eval_shapes_leave_no_lone_query_block(monkeypatch):
 def test_state_is_bounded_and_sized():
   layer = HCAMBlock(**FIELDS)
   state = layer.init_state(3)
-  assert state.memory.contents.shape == (3, 2, 3, 16) and state.memory.recent.shape == (3, 2, 16)
-  assert state.memory.keys.shape == (3, 2, 16)
+  # max_chunks = 2 readable chunks in a ring of 3 slots (one holds the chunk evicted last)
+  assert state.memory.contents.shape == (3, 3, 3, 16) and state.memory.recent.shape == (3, 2, 16)
+  assert state.memory.keys.shape == (3, 3, 16)
   assert state.local.k.shape[1] == 2  # window - 1
-  assert layer.state_size() == 2 * 2 * 2 * 8 + 2 * (3 + 1) * 16 + 2 * 16
+  assert layer.state_size() == 2 * 2 * 2 * 8 + 3 * (3 + 1) * 16 + 2 * 16
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(state))
 
 

@@ -234,3 +234,91 @@ def test_auto_path_follows_the_cost_model():
   gflop = hcam_ops.path_costs(**train, gather_element_cost=0.0)  # the spec's pure FLOP model
   assert 8 * gflop[HCAMPath.GATHER_RAW] == pytest.approx(34.4e9, rel=0.02)  # the spec's B = 8 figures
   assert 8 * gflop[HCAMPath.BLOCK_DENSE] == pytest.approx(5.4e9, rel=0.05)
+
+
+def _fifo_reference(stored, seg, c, m_max):
+  """The chronological FIFO memory, naively (numpy): what every token may read, oldest chunk first.
+
+  Returns per (row, token) the memory before the token's own write in the old chronological layout (empty slots at
+  the front, the oldest chunk next) with its read mask (same document), and per row the last ``M_max + 1`` chunks
+  (what the ring keeps: the FIFO and the chunk that left it last) as ``(chunk index, document, contents)`` tuples.
+  """
+  b, t, d = stored.shape
+  views, masks, finals = np.zeros((b, t, m_max, c, d), np.float32), np.zeros((b, t, m_max), bool), []
+  for row in range(b):
+    chunks, start = [], 0
+    for i in range(t):
+      if i == 0 or seg[row, i] != seg[row, i - 1]:
+        start = i  # a document starts: chunks are cut at in-document offsets that are multiples of C
+      fifo = chunks[-m_max:]
+      for j, (_, doc, chunk) in enumerate(fifo):
+        slot = m_max - len(fifo) + j
+        views[row, i, slot], masks[row, i, slot] = chunk, doc == seg[row, i]
+      if (i - start + 1) % c == 0:  # token i completes a chunk; it is readable from token i + 1 on
+        chunks.append((len(chunks), seg[row, i], stored[row, i - c + 1:i + 1]))
+    finals.append(chunks[-(m_max + 1):])
+  return views, masks, finals
+
+
+@functools.partial(jax.jit, static_argnames=("fresh", "k", "tie_break"))
+def _write_and_read(params, memory, queries, stored, seg, *, fresh, k, tie_break=True):
+  contents, keys, mask, order, memory = hcam_ops.write_memory(memory, stored, seg, fresh=fresh)
+  order = order if tie_break else None
+  return hcam_ops.hcam_read(params, queries, contents, mask, top_k=k, keys=keys, chunk_order=order), memory
+
+
+def test_ring_memory_reads_what_a_chronological_fifo_holds_with_eviction_resets_and_ties():
+  # Given 17 tokens in two rows with document resets (row 0 at 9, row 1 at 3, an odd offset), C = 2 and M_max = 3
+  # (a 4-slot ring): 8 chunks per row, so the ring wraps around and holds chunks of an earlier document after a
+  # reset
+  c, m_max, k, t = 2, 3, 2, 17
+  rng = np.random.default_rng(11)  # numpy inputs: slicing them compiles nothing
+  queries, stored = rng.standard_normal((2, B, t, D), np.float32)
+  seg = np.array([[0] * 9 + [1] * 8, [5] * 3 + [6] * 14], np.int32)
+  views, masks, finals = _fifo_reference(stored, seg, c, m_max)
+  # and two weight sets: random ones, and ones with U_k = 0, so that every readable chunk scores exactly 0 and
+  # top-k must break ties (by age: the old chronological buffer picked the oldest readable chunks)
+  params = _params(jax.random.key(12))
+  tied = params._replace(summary_key=jnp.zeros_like(params.summary_key))
+  bt = B * t
+  for p in (params, tied):
+    # When the chronological reference is read, and the ring memory is written and read in one call, in uneven
+    # chunks with the carried state, and token by token (decode steps, t == 1)
+    ref = np.asarray(jax.jit(functools.partial(hcam_ops.hcam_read, top_k=k))(
+        p, queries.reshape(bt, 1, D), views.reshape(bt, m_max, c, D), masks.reshape(bt, 1, m_max))).reshape(B, t, F)
+    chunks = [(0, 1), (1, 6), (6, t)]  # t == 1 and t > 1 calls on a carried state; the last writes 5-6 > S chunks
+    forms = {"full": [(0, t)], "chunks": chunks, "tokens": [(i, i + 1) for i in range(t)]}
+    for name, bounds in forms.items():
+      memory, outs = hcam_ops.init_memory(B, m_max, c, D), []
+      for lo, hi in bounds:
+        out, memory = _write_and_read(p, memory, queries[:, lo:hi], stored[:, lo:hi], seg[:, lo:hi],
+                                      fresh=name == "full", k=k)
+        outs.append(out)
+      # Then every form reads exactly what the chronological FIFO held, ties resolved alike
+      np.testing.assert_allclose(np.concatenate(outs, 1), ref, atol=1e-5, rtol=1e-5, err_msg=name)
+      # and the ring holds the FIFO's chunks and the one evicted last, chunk i in slot i mod (M_max + 1), with their
+      # means
+      memory = jax.tree.map(np.asarray, memory)
+      for row, kept in enumerate(finals):
+        assert int((memory.chunk_index[row] >= 0).sum()) == len(kept) == m_max + 1
+        for index, doc, chunk in kept:
+          s = index % (m_max + 1)
+          assert int(memory.chunk_index[row, s]) == index and int(memory.segment[row, s]) == doc, name
+          np.testing.assert_allclose(memory.contents[row, s], chunk, atol=1e-6)
+          np.testing.assert_allclose(memory.keys[row, s], chunk.mean(0), atol=1e-6)
+      np.testing.assert_array_equal(memory.num_chunks, [8, 8])
+  # and the tie case does need the tie-break: decoding the ring with ties broken by slot reads other chunks
+  memory, outs = hcam_ops.init_memory(B, m_max, c, D), []
+  for i in range(t):
+    out, memory = _write_and_read(tied, memory, queries[:, i:i + 1], stored[:, i:i + 1], seg[:, i:i + 1],
+                                  fresh=False, k=k, tie_break=False)
+    outs.append(out)
+  assert np.abs(np.concatenate(outs, 1) - ref).max() > 1e-3
+
+
+def test_read_rejects_a_chunk_order_of_the_wrong_shape():
+  spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  params = jax.eval_shape(_params, jax.random.key(13))
+  with pytest.raises(ValueError, match="chunk_order"):
+    jax.eval_shape(functools.partial(hcam_ops.hcam_read, top_k=2), params, spec(B, Q, D), spec(B, M, C, D),
+                   spec(B, Q, M, dtype=bool), chunk_order=spec(B, M + 1, dtype=jnp.int32))
