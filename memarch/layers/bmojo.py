@@ -189,6 +189,11 @@ class BMojoF(nn.Module):
     del x, s, state, segment_ids
     return None, None
 
+  def _selector_bias(self, num_heads: int):
+    """``(γ, τ)`` of the store-logit bias (B'MOJO option); B'MOJO-F has no store."""
+    del num_heads
+    return None
+
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
                state: BMojoState | None = None) -> tuple[Array, BMojoState]:
@@ -232,7 +237,8 @@ class BMojoF(nn.Module):
     score, aux_loss = self._innovation(x, s, state, seg)
     out, memory = bmojo_ops.bmojo_attention(
         q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
-        chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block)
+        chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block,
+        selector_bias=self._selector_bias(h))
     if aux_loss is not None:
       wo = bmojo_ops.add_aux_gradient(wo, aux_loss)
     (wo,) = nn.dtypes.promote_dtype(wo, dtype=dtype)
@@ -262,6 +268,9 @@ class BMojo(BMojoF):
     aux_weight: ``λ_aux`` of ``L_aux = λ_aux · mean_t e_t``, which trains the probe ``P_s``; 0 leaves it at init.
     aux_grad_to_ssm: let ``L_aux`` also train the SSM (s is then not stop-gradiented in ``L_aux``). Forward-mode
       Jacobians with respect to the inputs need False.
+    selector_bias: add ``log σ(γ_h (e_i − τ_h))`` to every store logit (spec §4.7, [ours]): params
+      ``selector_gamma`` / ``selector_tau`` [heads], init 0; the scores then carry the bias's gradient into the probe
+      ``P_s`` (and into the SSM with ``aux_grad_to_ssm``), so attention usage also trains the selector.
   """
   chunk_size: int | None = None
   k_sel: int | None = None
@@ -270,6 +279,7 @@ class BMojo(BMojoF):
   innovation_seed: int = 0
   aux_weight: float = 0.1
   aux_grad_to_ssm: bool = False
+  selector_bias: bool = False
 
   def store_config(self) -> tuple[int, int, int]:
     """``(C, k_sel, M)`` with the defaults resolved (``C = W``, ``k_sel = min(4, C)``, ``M = 16 k_sel``)."""
@@ -300,4 +310,12 @@ class BMojo(BMojoF):
     aux = self.aux_weight * jnp.mean(e) if self.aux_weight else None
     # For inspection only (``mutable=["intermediates"]``): the per-token innovation scores the selection ranks.
     self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
-    return jax.lax.stop_gradient(e), aux
+    return (e if self.selector_bias else jax.lax.stop_gradient(e)), aux
+
+  def _selector_bias(self, num_heads: int):
+    """``(γ, τ)`` [h] each, both initialised to 0 (a constant ``log ½`` on every store logit at init)."""
+    if not self.selector_bias:
+      return None
+    init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
+    return (self.param("selector_gamma", init, (num_heads,), jnp.float32),
+            self.param("selector_tau", init, (num_heads,), jnp.float32))

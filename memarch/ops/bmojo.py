@@ -322,6 +322,7 @@ def bmojo_attention(
     return_store_read: bool = False,
     query_block: int | None = None,
     store_group: int | None = None,
+    selector_bias: tuple[Array, Array] | None = None,
 ):
   """One call of the B'MOJO read (B'MOJO-F when ``memory`` has no store slots), from ``memory`` to the new one.
 
@@ -334,7 +335,8 @@ def bmojo_attention(
     memory: the memory before the call (:func:`init_memory` for a fresh row).
     window: ``W``.
     segment_ids: [b, t] document ids (None: one document, id 0).
-    score: [b, t] innovation scores (only read when the memory has a store; no gradient flows through it).
+    score: [b, t] innovation scores (only read when the memory has a store). No gradient flows through the
+      selection; with ``selector_bias`` the scores of the entries read this call receive the bias's gradient.
     q_fade: queries scored against the fading keys (None: ``q``, hmf's tied default).
     chunk_size: selection chunk ``C`` (needed with a store; the candidates buffer holds ``C − 1`` slots).
     k_sel: entries written per complete chunk.
@@ -346,6 +348,9 @@ def bmojo_attention(
       (:func:`query_block_size`; None: automatic).
     store_group: at most this many selection blocks per group of the store read (:func:`store_group_size`;
       None: automatic). A speed knob only.
+    selector_bias: ``(γ, τ)``, float32 [h] each: add ``log σ(γ_h (e_i − τ_h))`` to the logit of every store entry
+      ``i`` for query head ``h`` (spec §4.7, option ``selector_bias``, [ours]), so attention usage also trains
+      ``γ``, ``τ`` and the scores. None: no bias.
       A speed knob only: every value gives the same output.
 
   Returns:
@@ -370,6 +375,14 @@ def bmojo_attention(
       raise ValueError(f"bmojo_attention: memory holds {memory.candidates.k.shape[1]} candidates, expected "
                        f"chunk_size - 1 = {chunk_size - 1}")
   c = chunk_size if use_store else max(w, 1)
+  if selector_bias is not None:
+    if not use_store:
+      raise ValueError("bmojo_attention: selector_bias needs a memory with a store (memory_size > 0)")
+    if any(jnp.shape(z) != (h,) for z in selector_bias):
+      raise ValueError(f"bmojo_attention: selector_bias (gamma, tau) must be two [{h}] arrays (one per query head), "
+                       f"got {[jnp.shape(z) for z in selector_bias]}")
+  score_in = None if score is None else (
+      jax.lax.stop_gradient(score) if selector_bias is None else score)
   scale = e ** -0.5 if scale is None else scale
   q_fade = q if q_fade is None else q_fade
   sd = memory.context.k.dtype
@@ -425,7 +438,7 @@ def bmojo_attention(
         _cat(cand.k, _pad_time(k, pad).astype(sd)), _cat(cand.v, _pad_time(v, pad).astype(sd)),
         _cat(cand.positions, pos_p), _cat(cand.segment_ids, seg_p),
         _cat(cand.chunk, _pad_time(chunk, pad)),
-        _cat(cand.score, _pad_time(jax.lax.stop_gradient(score).astype(jnp.float32), pad)))
+        _cat(cand.score, _pad_time(score_in.astype(jnp.float32), pad)))
     stream_valid = _cat(cand.positions >= 0, _pad_time(valid, pad, False))
     # A token ends a chunk when its in-document offset is C - 1 mod C; at most one end per block of Q <= C tokens.
     ends = _pad_time(valid & ((offsets + 1) % c == 0), pad, False).reshape(b, nb, bq)
@@ -439,7 +452,7 @@ def bmojo_attention(
     member = (_windows(stream_valid, nb, c + bq - 1, bq) & (sp.segment_ids == end_seg[..., None])
               & (sp.chunk == end_chunk[..., None]) & has[..., None])
     # top_k puts the earlier of equal scores first; a complete chunk has C >= k_sel members.
-    _, pick = jax.lax.top_k(jnp.where(member, sp.score, -jnp.inf), k_sel)      # [b, nb, k_sel]
+    _, pick = jax.lax.top_k(jnp.where(member, jax.lax.stop_gradient(sp.score), -jnp.inf), k_sel)  # [b, nb, k_sel]
     take = lambda z: jnp.take_along_axis(z, pick.reshape(pick.shape + (1,) * (z.ndim - 3)), axis=2)
     new = StoreEntries(*(take(z) for z in sp))
     new = new._replace(positions=jnp.where(has[..., None], new.positions, -1))
@@ -453,13 +466,14 @@ def bmojo_attention(
     nsup = nb // sup
     front = lambda z: jnp.pad(z, [(0, 0), (back, 0)] + [(0, 0)] * (z.ndim - 2),
                               constant_values=-1 if z.dtype == jnp.int32 else 0)
+    fields = 5 if selector_bias is None else 6  # the score only for the selector bias
     read = [_windows(front(z), nsup, back + sup, sup).reshape((b, nsup, (back + sup) * k_sel) + z.shape[3:])
-            for z in new[:5]]
+            for z in new[:fields]]
     if not fresh:
       store = memory.store
       read = [jnp.concatenate([jnp.broadcast_to(old[:, None], (b, nsup) + old.shape[1:]).astype(z.dtype), z],
-                              axis=2) for old, z in zip(store[:5], read)]
-    s_k, s_v, s_pos, s_seg, s_chunk = read
+                              axis=2) for old, z in zip(store[:fields], read)]
+    s_k, s_v, s_pos, s_seg, s_chunk = read[:5]
     group = lambda z: z.reshape(b, nsup, sup * bq)[..., :, None]
     q_chunk = group(_pad_time(chunk, pad))
     store_mask = ((s_pos[:, :, None] >= 0) & (s_seg[:, :, None] == group(seg_p))
@@ -469,6 +483,10 @@ def bmojo_attention(
     per_group = sup * per
     st = jnp.einsum("bnprkge,bnske->bnpkgrs", q_p.reshape(b, nsup, per_group, rq, kh, g, e), s_k,
                     preferred_element_type=jnp.float32) * scale
+    if selector_bias is not None:  # spec §4.7: + log σ(γ_h (e_i − τ_h)) on every store logit
+      gamma, tau = (jnp.asarray(z, jnp.float32).reshape(kh, g)[:, :, None] for z in selector_bias)
+      bias = jax.nn.log_sigmoid(gamma * (read[5][:, :, None, None, :] - tau))           # [b, nsup, kh, g, S]
+      st = st + bias[:, :, None, :, :, None, :]
     logits.append(st.reshape(b, ns, kh, g, rq, -1))
     masks.append(store_mask.reshape(b, ns, rq, -1))
     store_pos = jnp.where(store_mask, s_pos[:, :, None], -1)

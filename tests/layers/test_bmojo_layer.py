@@ -77,7 +77,11 @@ def _naive_layer(layer, params, x, seg):
       for t in range(T):
         prev = 0.0 if t == 0 or seg_np[r, t] != seg_np[r, t - 1] else pred[r, t - 1]
         score[r, t] = float(jnp.sum((xn[r, t] - prev) ** 2))
-  out, _ = naive_bmojo(q, k, v, kf, vf, score, seg, window=layer.window, chunk=c, k_sel=k_sel, m=m, qf=qf)
+  bias = None
+  if getattr(layer, "selector_bias", False):
+    bias = (np.asarray(p["selector_gamma"], np.float64), np.asarray(p["selector_tau"], np.float64))
+  out, _ = naive_bmojo(q, k, v, kf, vf, score, seg, window=layer.window, chunk=c, k_sel=k_sel, m=m, qf=qf,
+                       bias=bias)
   return jnp.einsum("bthe,hed->btd", out, np.asarray(p["o"], np.float64))
 
 
@@ -140,6 +144,24 @@ def test_aux_loss_trains_the_probe_only():
                              rtol=1e-4)
   g.pop("innovation_probe"), g0.pop("innovation_probe")
   _close(g, g0)
+
+
+def test_selector_bias_matches_reference_and_trains_the_probe():
+  # Given B'MOJO with the selector bias (spec §4.7), gamma / tau moved off their zero init, no auxiliary loss
+  layer, apply, params, x = _setup("bmojo", aux_weight=0.0, selector_bias=True)
+  p = nn.meta.unbox(params)
+  p["params"]["selector_gamma"] = jnp.array([0.3, -0.2, 0.5, 0.1])
+  p["params"]["selector_tau"] = jnp.array([10.0, 14.0, 12.0, 16.0])
+  # When run in one call, token by token, and by the reference with the bias
+  ref = _naive_layer(layer, p, x, SEG)
+  y_full, _ = apply(p, x, segment_ids=SEG)
+  y_tok, _ = _chunks(layer, apply, p, x, [(t, t + 1) for t in range(T)], SEG)
+  np.testing.assert_allclose(y_full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_tok, y_full, atol=1e-5, rtol=1e-5)
+  # Then the main loss reaches the probe through the scores (without the bias it gets exactly 0), and gamma / tau
+  grads = jax.jit(jax.grad(lambda q: jnp.sum(layer.apply(q, x, segment_ids=SEG)[0] ** 2)))(p)["params"]
+  for name in ("innovation_probe", "selector_gamma", "selector_tau"):
+    assert float(jnp.abs(grads[name]).max()) > 0, name
 
 
 @pytest.mark.parametrize("name", ["bmojo", "bmojo_f"])

@@ -23,10 +23,13 @@ def _softmax(z, xp):
   return xp.exp(z) / xp.exp(z).sum(axis=1, keepdims=True)
 
 
-def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None, xp=np):
+def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None, xp=np, bias=None,
+                bias_score=None):
   """Token-by-token reference: explicit window / fading filters and an explicit FIFO list of written chunks.
 
   ``xp=np`` runs in float64 numpy (fast forward reference); ``xp=jnp`` is differentiable (gradient reference).
+  ``bias = (gamma, tau)`` adds ``log σ(γ_h (e_j − τ_h))`` to store logits, with ``e`` = ``bias_score`` (default
+  ``score``; pass a traced copy to differentiate through it).
   """
   if xp is np:
     q, k, v, kf, vf = (np.asarray(z, np.float64) for z in (q, k, v, kf, vf))
@@ -53,7 +56,13 @@ def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None
         logits.append(xp.einsum("he,nhe->hn", qf[r, i], rep(kf[r, np.array(fad)])))
         vals.append(rep(vf[r, np.array(fad)]))
       if sto:
-        logits.append(xp.einsum("he,nhe->hn", q[r, i], rep(k[r, np.array(sto)])))
+        sto_logits = xp.einsum("he,nhe->hn", q[r, i], rep(k[r, np.array(sto)]))
+        if bias is not None:
+          e_sto = (score if bias_score is None else bias_score)[r, np.array(sto)]
+          z = bias[0][:, None] * (e_sto[None, :] - bias[1][:, None])
+          # log σ(z) * √e, because all logits are divided by √e below
+          sto_logits = sto_logits + (-xp.logaddexp(0.0, -z)) * np.sqrt(e)
+        logits.append(sto_logits)
         vals.append(rep(v[r, np.array(sto)]))
       p = _softmax(xp.concatenate(logits, axis=1) / np.sqrt(e), xp)
       outs.append(xp.einsum("hn,nhe->he", p, xp.concatenate(vals, axis=0)))
@@ -294,3 +303,62 @@ def test_bad_configs_raise_naming_the_field():
   with pytest.raises(ValueError, match="query_block"):
     bmojo.bmojo_attention(x, x, x, x, x, memory, window=2, score=jnp.zeros((1, 3)), chunk_size=2, k_sel=1,
                           query_block=0)
+
+
+def _bias_run(cfg):
+  @jax.jit
+  def run(q, k, v, kf, vf, score, seg, memory, gamma, tau):
+    return bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
+                                 chunk_size=cfg["chunk"], k_sel=cfg["k_sel"], selector_bias=(gamma, tau),
+                                 store_group=2)[0]
+  return run
+
+
+def _bias_inputs():
+  ks = jax.random.split(jax.random.key(5), 2)
+  return jax.random.normal(ks[0], (H,)), jax.random.uniform(ks[1], (H,))
+
+
+def test_selector_bias_equals_reference_full_and_token_by_token():
+  # Given the store option selector_bias (spec §4.7): log σ(γ_h (e_i − τ_h)) on every store logit
+  cfg = CFGS["bmojo"]
+  q, k, v, kf, vf, _, score = _inputs()
+  gamma, tau = _bias_inputs()
+  seg = jnp.asarray(SEG)
+  ref, _ = naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg, bias=(np.asarray(gamma, np.float64),
+                                                               np.asarray(tau, np.float64)))
+  plain, _ = naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg)
+  run = _bias_run(cfg)
+  full = run(q, k, v, kf, vf, score, seg, _memory(cfg), gamma, tau)
+  memory, steps = _memory(cfg), []
+  step = jax.jit(lambda *a: bmojo.bmojo_attention(*a[:6], window=cfg["window"], segment_ids=a[7], score=a[6],
+                                                  chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
+                                                  selector_bias=(a[8], a[9])))
+  for i in range(T):
+    o, memory = step(*(z[:, i:i + 1] for z in (q, k, v, kf, vf)), memory, score[:, i:i + 1], seg[:, i:i + 1],
+                     gamma, tau)
+    steps.append(o)
+  # Then the fast path equals the reference in one call and token by token, and the bias matters
+  np.testing.assert_allclose(full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), ref, atol=1e-5, rtol=1e-5)
+  assert np.abs(ref - plain).max() > 1e-3
+  with pytest.raises(ValueError, match="selector_bias"):
+    bmojo.bmojo_attention(q, k, v, kf, vf, _memory(cfg), window=cfg["window"], score=score, chunk_size=cfg["chunk"],
+                          k_sel=cfg["k_sel"], selector_bias=(gamma[:1], tau))
+
+
+@pytest.mark.slow  # compiles the gradient of the unrolled per-token reference
+def test_selector_bias_gradients_reach_scores_gamma_and_tau():
+  cfg = CFGS["bmojo"]
+  q, k, v, kf, vf, _, score = _inputs()
+  gamma, tau = _bias_inputs()
+  ct = jax.random.normal(jax.random.key(9), (B, T, H, E))
+  run = _bias_run(cfg)
+  loss_fast = lambda sc, g, t: jnp.sum(run(q, k, v, kf, vf, sc, jnp.asarray(SEG), _memory(cfg), g, t) * ct)
+  loss_ref = lambda sc, g, t: jnp.sum(naive_bmojo(q, k, v, kf, vf, score, SEG, **cfg, xp=jnp, bias=(g, t),
+                                                  bias_score=sc)[0] * ct)
+  g_fast = jax.jit(jax.grad(loss_fast, argnums=(0, 1, 2)))(score, gamma, tau)
+  g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(score, gamma, tau)
+  for a, b in zip(g_fast, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  assert np.abs(g_fast[0]).max() > 1e-4  # the scores of read entries do receive a gradient
