@@ -242,9 +242,14 @@ def _windows(z: Array, n: int, size: int, stride: int) -> Array:
   """Overlapping windows ``z[:, i·stride : i·stride + size]`` for ``i < n``: [b, n, size, ...].
 
   Built from ``ceil(size / stride)`` shifted reshapes instead of a gather, so the gradient is a sum of pads, not a
-  scatter. ``z`` must hold at least ``(n − 1)·stride + size`` steps.
+  scatter; one window (a decode step) is a slice, and many thin parts (``size ≫ stride``) a gather. ``z`` must hold
+  at least ``(n − 1)·stride + size`` steps.
   """
+  if n == 1:
+    return z[:, None, :size]
   parts = -(-size // stride)
+  if parts > 8:
+    return jnp.take(z, (jnp.arange(n) * stride)[:, None] + jnp.arange(size)[None], axis=1)
   need = (n + parts - 1) * stride
   z = _pad_time(z[:, :need], max(0, need - z.shape[1]))
   rest = z.shape[2:]
