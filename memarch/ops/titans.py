@@ -20,7 +20,9 @@ n = b / c > 1 chunks is processed chunk by chunk (its gradients are still all ta
 window-parallel variant of spec §3.2 (vmap over the n chunks plus an associative scan) and the dual form of
 spec §3.5 (token-level reads inside a chunk without per-token weights) are not implemented: reads are
 chunk-granular as in spec §2.3, and c = 1 gives token-level reads. Document starts may be at any multiple of
-c (spec §4 asks only for multiples of b): they restart the gradient window of that sequence.
+c (spec §4 asks only for multiples of b): they restart the gradient window of that sequence. The chunk's
+weighted surprise sums are written out (`_chunk_surprises`): one forward and one backward pass of the memory MLP
+serve all weightings, instead of a VJP per weighting.
 
 Shapes: q, k, v are [B, T, H, d]; theta, eta, alpha are [B, T, H]; segment_ids and mask are [B, T]. Every
 fast-weight leaf of the state is [B, H, ...].
@@ -318,6 +320,74 @@ def inner_loss(weights: dict[str, Array], k: Array, v: Array, norm: dict[str, Ar
   return config.inner_loss_scale * jnp.sum(jnp.square(r), axis=-1)
 
 
+def _activation_and_grad(h: Array, activation: str) -> tuple[Array, Array]:
+  """The hidden activation of `apply_memory` (same ops) and its derivative, both differentiable by JAX."""
+  if activation == "gelu":  # gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x)
+    erfc = jax.lax.erfc(-h * np.sqrt(0.5).astype(h.dtype))
+    return 0.5 * h * erfc, 0.5 * erfc + h * np.asarray(1.0 / math.sqrt(2.0 * math.pi), h.dtype) * jnp.exp(-0.5 * h * h)
+  sig = jax.nn.sigmoid(h)  # silu(x) = x sigma(x), silu'(x) = sigma(x) (1 + x (1 - sigma(x)))
+  return h * sig, sig * (1.0 + h * (1.0 - sig))
+
+
+def _chunk_surprises(weights: dict[str, Array], k: Array, v: Array, cts: Array, norm: dict[str, Array] | None,
+                     config: LMMConfig) -> tuple[Array, list[dict[str, Array]]]:
+  """Weighted sums of per-token surprises at shared weights, with the MLP's backward pass taken once.
+
+  For weightings w_1 .. w_n of the c tokens this returns g_j = sum_t w_j[t] grad l_t(W) (eq. 12), what `jax.vmap`
+  of the VJP of `inner_loss` over the n cotangents gives, written out: the backward pass of the memory MLP is
+  linear in the per-token cotangent, so the per-token error signals Delta^l of every layer are computed once
+  (cotangent 1 per token) and each weighting only adds its own contraction g_j^l = X^l^T diag(w_j) Delta^l (every
+  layer's per-token gradient has rank one, spec §3.5). Plain jnp code, so the outer gradient is JAX's derivative
+  of this function (forward and reverse mode).
+
+  Args:
+    weights: Fast weights of one head (the window-start weights M_ref).
+    k: Keys [c, d].
+    v: Values [c, d].
+    cts: [n, c] token weightings.
+    norm: Wrapper LayerNorm parameters of the head, or None.
+    config: The LMM configuration.
+
+  Returns:
+    losses: [c] inner losses l_t(W).
+    grads: n pytrees shaped like `weights`, g_1 .. g_n.
+  """
+  inputs, act_grads, h = [], [], k
+  for i in range(config.depth):  # the ops of `apply_memory`, keeping what the backward pass needs
+    inputs.append(h)
+    h = h @ weights[f"w_{i}"]
+    if config.use_bias:
+      h = h + weights[f"b_{i}"]
+    if i < config.depth - 1:
+      h, dh = _activation_and_grad(h, config.activation)
+      act_grads.append(dh)
+  if config.wrap == "residual_norm":
+    mu = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + config.norm_eps)
+    xhat = (h - mu) * rstd
+    out = k + xhat * norm["scale"] + norm["bias"]
+  else:
+    out = k + h if config.wrap == "residual" else h
+  r = out - v
+  losses = config.inner_loss_scale * jnp.sum(jnp.square(r), axis=-1)
+  delta = 2.0 * config.inner_loss_scale * r  # d l_t / d f(W; k_t)
+  if config.wrap == "residual_norm":  # back through the LayerNorm
+    dx = delta * norm["scale"]
+    delta = rstd * (dx - jnp.mean(dx, axis=-1, keepdims=True) - xhat * jnp.mean(dx * xhat, axis=-1, keepdims=True))
+  grads = [{} for _ in range(cts.shape[0])]
+  for i in reversed(range(config.depth)):
+    # One [d_in, c] x [c, d_out] matmul per weighting (separate matmuls give XLA's CPU backend a cheaper backward
+    # pass than one stacked [n, d_in, d_out] einsum).
+    for g, w in zip(grads, cts):
+      g[f"w_{i}"] = jnp.einsum("ci,cj->ij", w[:, None] * inputs[i], delta)
+      if config.use_bias:
+        g[f"b_{i}"] = w @ delta
+    if i:
+      delta = jnp.einsum("cj,ij->ci", delta, weights[f"w_{i}"]) * act_grads[i - 1]
+  return losses, [{name: g[name] for name in weights} for g in grads]
+
+
 def _reset_momentum(params: MemoryParams, dtype: Any) -> PyTree:
   """The momentum a reset restores: `params.momentum`, or zeros shaped like `params.weights`."""
   if params.momentum is None:
@@ -571,14 +641,13 @@ def _make_chunk_body(config: LMMConfig, w0: PyTree, s0: PyTree, norm: PyTree, wi
     ref = m if n_window == 1 else _tree_where(phase == 0, m, ref)
 
     w_m, w_s, a = _chunk_coefficients(th, et, al, upd)
-    # All surprises of the chunk at the window-start weights (eqs. 16-17): one forward, and one VJP per weighting
-    # because a weighted sum of per-token gradients at shared weights is the gradient of the weighted loss.
-    losses, vjp = jax.vjp(lambda w: inner_loss(w, k, v, norm, config), ref)
-    cts = [w_m, w_s] + ([jnp.where(upd, th, 0.0)] if need_g else [])
-    (grads,) = jax.vmap(vjp)(jnp.stack(cts))
-    g_m = jax.tree.map(lambda x: x[0], grads)
-    g_s = jax.tree.map(lambda x: x[1], grads)
-    g_norm = _tree_norm(jax.tree.map(lambda x: x[2], grads)) if need_g else None
+    # All surprises of the chunk at the window-start weights (eqs. 16-17): one forward and one backward pass of the
+    # memory MLP, then one weighted contraction per layer and weighting (a weighted sum of per-token gradients at
+    # shared weights is the gradient of the weighted loss).
+    cts = jnp.stack([w_m, w_s] + ([jnp.where(upd, th, 0.0)] if need_g else []))
+    losses, grads = _chunk_surprises(ref, k, v, cts, norm, config)
+    g_m, g_s = grads[0], grads[1]
+    g_norm = _tree_norm(grads[2]) if need_g else None
     factor = 1.0
     if config.max_grad_norm is not None:
       factor = _soft_clamp_factor(g_norm, config.max_grad_norm)

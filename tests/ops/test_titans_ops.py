@@ -102,14 +102,14 @@ _SLOW_CASES = [
 ]
 
 
-def _case_config(depth, chunk, window, offset, clamp):
+def _case_config(depth, chunk, window, offset, clamp, **memory):
   return titans.LMMConfig(depth=depth, expansion=2, chunk_size=chunk, ttt_batch_size=window,
-                          retrieve_offset=offset, max_grad_norm=clamp)
+                          retrieve_offset=offset, max_grad_norm=clamp, **memory)
 
 
-def _reference_vs_chunked(depth, heads, chunk, window, length, offset, clamp):
+def _reference_vs_chunked(depth, heads, chunk, window, length, offset, clamp, **memory):
   # Given float64 inputs with a masked token and a mid-stream non-trivial start state.
-  config = _case_config(depth, chunk, window, offset, clamp)
+  config = _case_config(depth, chunk, window, offset, clamp, **memory)
   dim = 4
   with jax.enable_x64(True):
     inp = _inputs(0, 2, length, heads, dim, dtype=jnp.float64)
@@ -151,6 +151,16 @@ def test_reference_equals_chunked(case):
 @pytest.mark.parametrize("case", _SLOW_CASES)
 def test_reference_equals_chunked_slow(case):
   _reference_vs_chunked(*case)
+
+
+@pytest.mark.parametrize("memory", [
+    dict(activation="silu", use_bias=True, wrap="residual"),
+    pytest.param(dict(activation="gelu", use_bias=True, wrap="none"), marks=pytest.mark.slow),
+])
+def test_reference_equals_chunked_memory_variants(memory):
+  # Given the memory-MLP variants the chunk surprises write out by hand (spec §2.5): depth 3, SiLU, fast-weight
+  # biases, the plain residual and the bare MLP, with the soft clamp of spec §9 (a third weighting).
+  _reference_vs_chunked(3, 2, 4, 4, 9, 1, 0.3, **memory)
 
 
 @pytest.mark.slow
