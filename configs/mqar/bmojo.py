@@ -19,12 +19,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   Args:
     arg: ``runlocal`` for a run of about a minute on 2 CPU cores; ``memory_size=M``, ``k_sel=K``,
       ``chunk_size=C`` set the store (spec §4.11: M >= 2 kv; the FIFO covers the last ``M / K`` chunks);
-      ``selector_bias=True`` adds the learned store-logit bias of spec §4.7.
+      ``selector_bias=True`` adds the learned store-logit bias of spec §4.7; ``bound=top_m`` keeps the ``M``
+      best-scored entries (spec §4.4).
 
   Returns:
     The experiment ConfigDict.
   """
-  arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False)
+  arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False,
+                     bound="fifo")
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -34,6 +36,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # L = 64, and M = 32 >= 2 kv as spec §4.11 asks.
   # For T = 256 with 64 pairs use memory_size=128: 32 chunks of 4 cover the whole sequence, M = 2 kv.
   opts.update(chunk_size=arg.chunk_size, k_sel=arg.k_sel, memory_size=arg.memory_size, aux_weight=0.1)
+  if arg.bound != "fifo":  # spec §4.4: "top_m" keeps the M best-scored entries instead of the last M / K chunks
+    opts.update(bound=arg.bound)
   if arg.selector_bias:  # spec §4.7: attention usage also trains the innovation scores
     opts.update(selector_bias=True)
   c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)

@@ -128,7 +128,7 @@ class BMojoF(nn.Module):
       raise ValueError(f"{type(self).__name__}: num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
     if self.use_rope and head_dim % 2:
       raise ValueError(f"{type(self).__name__}: head_dim={head_dim} must be even for RoPE")
-    bmojo_ops.check_config(self.window, *self.store_config())
+    bmojo_ops.check_config(self.window, *self.store_config(), self._bound())
     return self.num_heads, kv, head_dim
 
   def check(self, d_model: int | None = None) -> None:
@@ -159,7 +159,7 @@ class BMojoF(nn.Module):
     c, k_sel, m = self.store_config()
     sd = as_dtype(self.state_dtype)
     memory = bmojo_ops.init_memory(batch_size, window=self.window, chunk_size=c, k_sel=k_sel, memory_size=m,
-                                   kv_heads=kv, head_dim=e, dtype=sd)
+                                   kv_heads=kv, head_dim=e, dtype=sd, bound=self._bound())
     ssm = self._ssm(parent=None).init_state(batch_size, d_model)
     return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if m else 0), sd))
 
@@ -193,6 +193,10 @@ class BMojoF(nn.Module):
     """``(γ, τ)`` of the store-logit bias (B'MOJO option); B'MOJO-F has no store."""
     del num_heads
     return None
+
+  def _bound(self) -> str:
+    """The store's eviction rule (B'MOJO option); B'MOJO-F has no store."""
+    return "fifo"
 
   @nn.compact
   def __call__(self, x: Array, *, segment_ids: Array | None = None,
@@ -238,7 +242,7 @@ class BMojoF(nn.Module):
     out, memory = bmojo_ops.bmojo_attention(
         q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
         chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block,
-        selector_bias=self._selector_bias(h))
+        selector_bias=self._selector_bias(h), bound=self._bound())
     if aux_loss is not None:
       wo = bmojo_ops.add_aux_gradient(wo, aux_loss)
     (wo,) = nn.dtypes.promote_dtype(wo, dtype=dtype)
@@ -271,6 +275,8 @@ class BMojo(BMojoF):
     selector_bias: add ``log σ(γ_h (e_i − τ_h))`` to every store logit (spec §4.7, [ours]): params
       ``selector_gamma`` / ``selector_tau`` [heads], init 0; the scores then carry the bias's gradient into the probe
       ``P_s`` (and into the SSM with ``aux_grad_to_ssm``), so attention usage also trains the selector.
+    bound: eviction rule of the store (spec §4.4): ``"fifo"`` (the last ``M / k_sel`` chunks' entries; needs
+      ``k_sel | M``) or ``"top_m"`` (the ``M`` best-scored entries of the document so far; a scan over the chunks).
   """
   chunk_size: int | None = None
   k_sel: int | None = None
@@ -280,6 +286,7 @@ class BMojo(BMojoF):
   aux_weight: float = 0.1
   aux_grad_to_ssm: bool = False
   selector_bias: bool = False
+  bound: str = "fifo"
 
   def store_config(self) -> tuple[int, int, int]:
     """``(C, k_sel, M)`` with the defaults resolved (``C = W``, ``k_sel = min(4, C)``, ``M = 16 k_sel``)."""
@@ -311,6 +318,9 @@ class BMojo(BMojoF):
     # For inspection only (``mutable=["intermediates"]``): the per-token innovation scores the selection ranks.
     self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
     return (e if self.selector_bias else jax.lax.stop_gradient(e)), aux
+
+  def _bound(self) -> str:
+    return self.bound
 
   def _selector_bias(self, num_heads: int):
     """``(γ, τ)`` [h] each, both initialised to 0 (a constant ``log ½`` on every store logit at init)."""

@@ -242,7 +242,7 @@ register_mixer("hcam", _hcam())
 _BMOJO_F_OPTIONS = ("window", "tie_attn_weights", "d_state", "expand", "ssm_head_dim", "conv_width",
                     "ssm_chunk_size", "query_block")
 _BMOJO_OPTIONS = _BMOJO_F_OPTIONS + ("chunk_size", "k_sel", "memory_size", "innovation_dim", "innovation_seed",
-                                     "aux_weight", "aux_grad_to_ssm", "selector_bias")
+                                     "aux_weight", "aux_grad_to_ssm", "selector_bias", "bound")
 
 
 def _bmojo(name: str) -> MixerSpec:

@@ -26,6 +26,10 @@ asynchronous" is confirmed]:
   * **Bound** (§4.4, ``bound="fifo"``): the store keeps the entries of the last ``M / k_sel`` written chunks
     (``M`` entries). Query ``t`` in chunk ``c`` of document ``s`` therefore reads the entries of chunks
     ``[c − M/k_sel, c − 1]`` of ``s``: a static band.
+  * **Bound** (§4.4, ``bound="top_m"``): the store keeps the ``M`` highest-scored entries written so far in the
+    document (at equal scores the stored entry stays), updated at each chunk end by a ``lax.scan`` over the
+    selection blocks; query block ``b`` reads the buffer before the block plus the block's new entries, an entry
+    evicted at the block's chunk end staying visible to the queries up to that end.
   * **Dedup** (§4.5): an entry still inside the window (``pos > t − W``) is masked.
 
 Static-shape, block-banded implementation (§4.8) of one call of ``t`` tokens: queries are processed in blocks of
@@ -127,7 +131,10 @@ def _entries(b: int, slots: int, kv_heads: int, head_dim: int, dtype) -> StoreEn
   return StoreEntries(*w, jnp.zeros((b, slots), jnp.int32), jnp.zeros((b, slots), jnp.float32))
 
 
-def check_config(window: int, chunk_size: int, k_sel: int, memory_size: int) -> None:
+BOUNDS = ("fifo", "top_m")
+
+
+def check_config(window: int, chunk_size: int, k_sel: int, memory_size: int, bound: str = "fifo") -> None:
   """Raises a ValueError naming the field when the B'MOJO read cannot be built.
 
   Args:
@@ -135,7 +142,10 @@ def check_config(window: int, chunk_size: int, k_sel: int, memory_size: int) -> 
     chunk_size: selection chunk ``C``.
     k_sel: entries written per chunk.
     memory_size: store bound ``M`` (0: no store, B'MOJO-F).
+    bound: eviction rule, ``"fifo"`` or ``"top_m"`` (spec §4.4).
   """
+  if bound not in BOUNDS:
+    raise ValueError(f"bmojo: bound={bound!r} must be one of {BOUNDS}")
   if window < 1:
     raise ValueError(f"bmojo: window={window} must be >= 1")
   if chunk_size < 1:
@@ -145,12 +155,12 @@ def check_config(window: int, chunk_size: int, k_sel: int, memory_size: int) -> 
   if memory_size:
     if not 1 <= k_sel <= chunk_size:
       raise ValueError(f"bmojo: k_sel={k_sel} must be in [1, chunk_size={chunk_size}]")
-    if memory_size % k_sel:
+    if bound == "fifo" and memory_size % k_sel:
       raise ValueError(f"bmojo: k_sel={k_sel} must divide memory_size={memory_size} (the FIFO keeps whole chunks)")
 
 
 def init_memory(batch_size: int, *, window: int, chunk_size: int, k_sel: int, memory_size: int, kv_heads: int,
-                head_dim: int, dtype=jnp.float32) -> BMojoMemory:
+                head_dim: int, dtype=jnp.float32, bound: str = "fifo") -> BMojoMemory:
   """The empty memory before the first token.
 
   Args:
@@ -162,11 +172,12 @@ def init_memory(batch_size: int, *, window: int, chunk_size: int, k_sel: int, me
     kv_heads: key / value heads.
     head_dim: per-head width.
     dtype: dtype of the carried keys and values.
+    bound: the eviction rule the memory is used with (only validated here: both keep ``M`` store slots).
 
   Returns:
     A :class:`BMojoMemory` with every slot empty.
   """
-  check_config(window, chunk_size, k_sel, memory_size)
+  check_config(window, chunk_size, k_sel, memory_size, bound)
   b = batch_size
   cand = chunk_size - 1 if memory_size else 0
   return BMojoMemory(
@@ -303,6 +314,61 @@ def store_group_size(blocks: int, block: int, back: int, k_sel: int, carried: in
   return min((d for d in range(1, cap + 1) if blocks % d == 0), key=lambda d: (cost(d), d))
 
 
+def _top_m_read(store: StoreEntries, new: StoreEntries, has: Array, end: Array, q_p: Array, pos_p: Array,
+                seg_p: Array, chunk_p: Array, logits: list, masks: list, *, read_bias, dims):
+  """The ``bound="top_m"`` store (spec §4.4): a scan over selection blocks keeps the M best-scored entries.
+
+  Block ``n`` of queries reads the union of the buffer before the block and the block's new entries; an entry
+  that the block's chunk end evicts stays visible to the queries up to that end (``until``), a new one only from
+  the next chunk on (the chunk rule). Appends the store logits / mask to ``logits`` / ``masks``.
+
+  Returns:
+    ``(store_pos, values, 1, per, nb, new_store)``: the positions read per query [b, nb, Q, S] (-1: masked), the
+    store values [b, nb, S, kh, e], the group layout of the read (one block per group) and the buffer after the
+    call.
+  """
+  b, nb, bq, ns, rq, per, kh, g, e, w, scale = dims
+  m = store.k.shape[1]
+  end_pos = jnp.take_along_axis(pos_p, end, axis=1)                               # [b, nb] the chunk end token
+  end_seg = jnp.take_along_axis(seg_p, end, axis=1)
+  slots = jnp.arange(m + new.k.shape[2])
+  never = jnp.iinfo(jnp.int32).max
+
+  def step(buf, xs):
+    fresh_entries, has_n, end_pos_n, end_seg_n = xs
+    union = jax.tree.map(lambda old, z: _cat(old.astype(z.dtype), z), buf, fresh_entries)   # [b, M + k_sel]
+    ok = (union.positions >= 0) & (union.segment_ids == end_seg_n[:, None])
+    # At equal scores top_k keeps the lower slot: the entry already stored.
+    _, keep = jax.lax.top_k(jnp.where(ok, jax.lax.stop_gradient(union.score), -jnp.inf), m)
+    kept = jax.tree.map(lambda z: jnp.take_along_axis(z, keep.reshape(keep.shape + (1,) * (z.ndim - 2)), axis=1),
+                        union)
+    kept = kept._replace(positions=jnp.where(jnp.take_along_axis(ok, keep, axis=1), kept.positions, -1))
+    new_buf = jax.tree.map(lambda z, old: jnp.where(has_n.reshape((b,) + (1,) * (z.ndim - 1)), z.astype(old.dtype),
+                                                    old), kept, buf)
+    evicted = has_n[:, None] & ~jnp.any(keep[:, :, None] == slots, axis=1)
+    until = jnp.where(evicted, end_pos_n[:, None], never)
+    return new_buf, (union, until)
+
+  xs = (jax.tree.map(lambda z: jnp.moveaxis(z, 1, 0), new), has.T, end_pos.T, end_seg.T)
+  final, (unions, until) = jax.lax.scan(step, store, xs)
+  unions = jax.tree.map(lambda z: jnp.moveaxis(z, 0, 1), unions)                 # [b, nb, S, ...]
+  until = jnp.moveaxis(until, 0, 1)
+  q_pos = pos_p.reshape(b, nb, bq)[..., :, None]
+  q_seg = seg_p.reshape(b, nb, bq)[..., :, None]
+  q_chunk = chunk_p.reshape(b, nb, bq)[..., :, None]
+  s_pos = unions.positions[:, :, None]
+  mask = ((s_pos >= 0) & (unions.segment_ids[:, :, None] == q_seg) & (s_pos <= q_pos - w)
+          & (unions.chunk[:, :, None] <= q_chunk - 1) & (q_pos <= until[:, :, None]))
+  st = jnp.einsum("bnprkge,bnske->bnpkgrs", q_p.reshape(b, nb, per, rq, kh, g, e), unions.k,
+                  preferred_element_type=jnp.float32) * scale
+  if read_bias is not None:  # spec §4.7, as in the FIFO read
+    gamma, tau = (jnp.asarray(z, jnp.float32).reshape(kh, g)[:, :, None] for z in read_bias)
+    st = st + jax.nn.log_sigmoid(gamma * (unions.score[:, :, None, None, :] - tau))[:, :, None, :, :, None, :]
+  logits.append(st.reshape(b, ns, kh, g, rq, -1))
+  masks.append(mask.reshape(b, ns, rq, -1))
+  return jnp.where(mask, s_pos, -1), unions.v, 1, per, nb, final
+
+
 def _logits(q: Array, k: Array, scale: float) -> Array:
   """q [b, n, Q, kh, g, e], k [b, n, S, kh, e] -> float32 [b, n, kh, g, Q, S]."""
   return jnp.einsum("bnqkge,bnske->bnkgqs", q, k, preferred_element_type=jnp.float32) * scale
@@ -328,6 +394,7 @@ def bmojo_attention(
     query_block: int | None = None,
     store_group: int | None = None,
     selector_bias: tuple[Array, Array] | None = None,
+    bound: str = "fifo",
 ):
   """One call of the B'MOJO read (B'MOJO-F when ``memory`` has no store slots), from ``memory`` to the new one.
 
@@ -350,13 +417,15 @@ def bmojo_attention(
     scale: logit scale (default ``1/sqrt(head_dim)``).
     return_store_read: also return, per query, the positions of the store entries it reads (for tests).
     query_block: at most this many queries per sub-block of the in-context / fading read
-      (:func:`query_block_size`; None: automatic).
+      (:func:`query_block_size`; None: automatic). A speed knob only: every value gives the same output.
     store_group: at most this many selection blocks per group of the store read (:func:`store_group_size`;
       None: automatic). A speed knob only.
     selector_bias: ``(γ, τ)``, float32 [h] each: add ``log σ(γ_h (e_i − τ_h))`` to the logit of every store entry
       ``i`` for query head ``h`` (spec §4.7, option ``selector_bias``, [ours]), so attention usage also trains
       ``γ``, ``τ`` and the scores. None: no bias.
-      A speed knob only: every value gives the same output.
+    bound: the store's eviction rule (spec §4.4): ``"fifo"`` keeps the entries of the last ``M / k_sel`` written
+      chunks; ``"top_m"`` keeps the ``M`` highest-scored entries written so far in the document (a scan over the
+      selection blocks; at equal scores the entry already stored stays). The memory must be used with one bound.
 
   Returns:
     ``(out, new_memory)`` with ``out`` [b, t, h, e] in ``q.dtype``; with ``return_store_read`` a third item: int32
@@ -375,7 +444,7 @@ def bmojo_attention(
   if use_store:
     if chunk_size is None or score is None:
       raise ValueError("bmojo_attention: a memory with a store needs chunk_size and score")
-    check_config(w, chunk_size, k_sel, m)
+    check_config(w, chunk_size, k_sel, m, bound)
     if memory.candidates.k.shape[1] != chunk_size - 1:
       raise ValueError(f"bmojo_attention: memory holds {memory.candidates.k.shape[1]} candidates, expected "
                        f"chunk_size - 1 = {chunk_size - 1}")
@@ -462,6 +531,13 @@ def bmojo_attention(
     new = StoreEntries(*(take(z) for z in sp))
     new = new._replace(positions=jnp.where(has[..., None], new.positions, -1))
 
+  if use_store and bound == "top_m":
+    store_pos, s_v, sup, per_group, nsup, new_store = _top_m_read(
+        memory.store, new, has, end, q_p, pos_p, seg_p, _pad_time(chunk, pad), logits, masks, read_bias=selector_bias,
+        dims=(b, nb, bq, ns, rq, per, kh, g, e, w, scale))
+    unpadded = jax.tree.map(lambda z: z[:, :z.shape[1] - pad], stream)
+    new_candidates = jax.tree.map(lambda z, old: _last(z, c - 1).astype(old.dtype), unpadded, cand)
+  elif use_store:
     # Store keys of query block b: entries written in blocks b - back .. b (earlier blocks' chunks are more than
     # M / k_sel chunks old for every query of block b), plus the carried store unless fresh. Read per group of
     # `sup` consecutive blocks (blocks jS - back .. jS + S - 1), which copies the entries fewer times when the

@@ -25,6 +25,7 @@ SSM = dict(d_model=16, d_state=8, ssm_head_dim=8, ssm_chunk_size=4)
 LAYERS = {
     "bmojo_f": (BMojoF, dict(num_heads=2, window=3, **SSM)),
     "bmojo": (BMojo, dict(num_heads=4, num_kv_heads=2, window=3, chunk_size=4, k_sel=2, memory_size=4, **SSM)),
+    "bmojo_top_m": (BMojo, dict(num_heads=2, window=3, chunk_size=4, k_sel=2, memory_size=3, bound="top_m", **SSM)),
     "bmojo_untied": (BMojo, dict(num_heads=2, window=2, chunk_size=3, k_sel=1, memory_size=3,
                                  tie_attn_weights=False, innovation_dim=8, **SSM)),
 }
@@ -81,11 +82,11 @@ def _naive_layer(layer, params, x, seg):
   if getattr(layer, "selector_bias", False):
     bias = (np.asarray(p["selector_gamma"], np.float64), np.asarray(p["selector_tau"], np.float64))
   out, _ = naive_bmojo(q, k, v, kf, vf, score, seg, window=layer.window, chunk=c, k_sel=k_sel, m=m, qf=qf,
-                       bias=bias)
+                       bias=bias, bound=getattr(layer, "bound", "fifo"))
   return jnp.einsum("bthe,hed->btd", out, np.asarray(p["o"], np.float64))
 
 
-@pytest.mark.parametrize("name", ["bmojo", pytest.param("bmojo_f", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["bmojo", "bmojo_top_m", pytest.param("bmojo_f", marks=pytest.mark.slow),
                                   pytest.param("bmojo_untied", marks=pytest.mark.slow)])
 def test_naive_equals_full_equals_chunks_equals_steps(name):
   # Given a layer and 13 tokens, row 1 holding two packed documents
@@ -164,7 +165,7 @@ def test_selector_bias_matches_reference_and_trains_the_probe():
     assert float(jnp.abs(grads[name]).max()) > 0, name
 
 
-@pytest.mark.parametrize("name", ["bmojo", "bmojo_f"])
+@pytest.mark.parametrize("name", ["bmojo", "bmojo_f", pytest.param("bmojo_top_m", marks=pytest.mark.slow)])
 def test_causality_future_tokens_change_nothing_before(name):
   layer, apply, params, x = _setup(name)
   # Jacobian of every output wrt every input: zero wherever the input is later than the output
@@ -217,6 +218,9 @@ def test_bad_fields_raise_naming_the_field():
     BMojo(num_heads=2, window=2, k_sel=3, memory_size=6, **SSM).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="memory_size"):
     BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, **SSM).init(jax.random.key(0), x)
+  BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, bound="top_m", **SSM).init(jax.random.key(0), x)  # no FIFO
+  with pytest.raises(ValueError, match="bound"):
+    BMojo(num_heads=2, window=2, bound="lru", **SSM).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="num_kv_heads"):
     BMojoF(num_heads=3, num_kv_heads=2, head_dim=4, window=2, **SSM).init_state(1)
   with pytest.raises(ValueError, match="window"):

@@ -24,11 +24,12 @@ def _softmax(z, xp):
 
 
 def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None, xp=np, bias=None,
-                bias_score=None):
+                bias_score=None, bound="fifo"):
   """Token-by-token reference: explicit window / fading filters and an explicit FIFO list of written chunks.
 
   ``xp=np`` runs in float64 numpy (fast forward reference); ``xp=jnp`` is differentiable (gradient reference).
-  ``bias = (gamma, tau)`` adds ``log σ(γ_h (e_j − τ_h))`` to store logits, with ``e`` = ``bias_score`` (default
+  ``bound="top_m"`` keeps the ``m`` best-scored written entries of the document instead of the last ``m / k_sel``
+  chunks (at equal scores the stored entry stays). ``bias = (gamma, tau)`` adds ``log σ(γ_h (e_j − τ_h))`` to store logits, with ``e`` = ``bias_score`` (default
   ``score``; pass a traced copy to differentiate through it).
   """
   if xp is np:
@@ -70,7 +71,11 @@ def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None
       cur.append(i)
       if m and (offset + 1) % chunk == 0:
         best = sorted(cur, key=lambda j: (-score[r, j], j))[:k_sel]
-        written = (written + [sorted(best)])[-(m // k_sel):]
+        if bound == "fifo":
+          written = (written + [sorted(best)])[-(m // k_sel):]
+        else:  # one list of the m best entries of this document
+          pool = [j for chunk_entries in written for j in chunk_entries if same(j)] + sorted(best)
+          written = [sorted(pool, key=lambda j: -score[r, j])[:m]]
         cur = []
       offset += 1
     rows.append(xp.stack(outs))
@@ -89,6 +94,7 @@ def _inputs(seed=0):
 
 CFGS = {
     "bmojo": dict(window=3, chunk=4, k_sel=2, m=4),
+    "top_m": dict(window=2, chunk=3, k_sel=2, m=3, bound="top_m"),
     "bmojo_f": dict(window=3, chunk=4, k_sel=1, m=0),
     "c_lt_w": dict(window=4, chunk=3, k_sel=1, m=3),
 }
@@ -96,7 +102,7 @@ CFGS = {
 
 def _memory(cfg, b=B):
   return bmojo.init_memory(b, window=cfg["window"], chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
-                           memory_size=cfg["m"], kv_heads=KH, head_dim=E)
+                           memory_size=cfg["m"], kv_heads=KH, head_dim=E, bound=cfg.get("bound", "fifo"))
 
 
 @functools.cache
@@ -114,7 +120,7 @@ def _fast_impl(cfg, untied, query_block, store_group):
     return bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
                                  q_fade=qf if untied else None, chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
                                  return_store_read=True, query_block=query_block,
-                                 store_group=store_group)
+                                 store_group=store_group, bound=cfg.get("bound", "fifo"))
   return run
 
 
@@ -136,7 +142,7 @@ def _read_sets(store_read):
 
 
 @pytest.mark.parametrize("name,untied,query_block,store_group", [
-    ("bmojo", False, None, None), ("bmojo", True, 2, 3), ("bmojo_f", False, 2, None),
+    ("bmojo", False, None, None), ("bmojo", True, 2, 3), ("bmojo_f", False, 2, None), ("top_m", False, None, None),
     pytest.param("bmojo_f", True, None, None, marks=pytest.mark.slow),
     pytest.param("c_lt_w", True, None, None, marks=pytest.mark.slow),
     pytest.param("c_lt_w", False, 1, 2, marks=pytest.mark.slow)])
@@ -166,8 +172,9 @@ def test_naive_equals_block_banded_and_streaming(name, untied, query_block, stor
 
 
 @pytest.mark.slow  # compiles the gradient of the unrolled per-token reference
-def test_gradients_naive_equal_block_banded():
-  cfg = CFGS["bmojo"]
+@pytest.mark.parametrize("name", ["bmojo", "top_m"])
+def test_gradients_naive_equal_block_banded(name):
+  cfg = CFGS[name]
   q, k, v, kf, vf, qf, score = _inputs()
   ct = jax.random.normal(jax.random.key(9), (B, T, H, E))
   run = _fast(cfg, untied=True, query_block=2, store_group=3)  # sub-blocked reads, grouped store reads
@@ -362,3 +369,21 @@ def test_selector_bias_gradients_reach_scores_gamma_and_tau():
   for a, b in zip(g_fast, g_ref):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert np.abs(g_fast[0]).max() > 1e-4  # the scores of read entries do receive a gradient
+
+
+def test_top_m_keeps_the_best_scored_entries_not_the_latest():
+  # Given the same store size under both bounds (window 2, chunks of 3, 2 entries per chunk, M = 4)
+  fifo = dict(window=2, chunk=3, k_sel=2, m=4)
+  top_m = dict(fifo, bound="top_m")
+  q, k, v, kf, vf, _, score = _inputs()
+  _, reads_fifo = naive_bmojo(q, k, v, kf, vf, score, SEG, **fifo)
+  out, memory, reads = _streamed(top_m, [(0, T)])
+  ref, ref_reads = naive_bmojo(q, k, v, kf, vf, score, SEG, **top_m)
+  # Then the fast top_m path equals its reference, which reads differently from the FIFO
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+  assert reads == ref_reads and ref_reads != reads_fifo
+  # And the final store of row 0 (one document) holds the 4 best-scored of all entries written
+  sc = np.asarray(score[0])
+  written = [j for c0 in range(0, T - T % 3, 3) for j in sorted(range(c0, c0 + 3), key=lambda j: (-sc[j], j))[:2]]
+  best = sorted(written, key=lambda j: -sc[j])[:4]
+  assert sorted(np.asarray(memory.store.positions[0]).tolist()) == sorted(best)
