@@ -42,6 +42,8 @@ def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state:
       "bmojo": BMojo(num_heads=heads, window=window, d_model=d, k_sel=4, memory_size=memory, **ssm),
       "bmojo_unsplit": BMojo(num_heads=heads, window=window, d_model=d, k_sel=4, memory_size=memory,
                              query_block=window, **ssm),
+      "bmojo_novelty": BMojo(num_heads=heads, window=window, d_model=d, k_sel=4, memory_size=memory,
+                             innovation="key_novelty", **ssm),
       "bmojo_f": BMojoF(num_heads=heads, window=window, d_model=d, **ssm),
       "mamba2": Mamba2(d_model=d, d_state=d_state, head_dim=32, chunk_size=64),
       "attention": MultiHeadAttention(num_heads=heads, max_len=max_len, d_model=d),
@@ -62,7 +64,8 @@ def main() -> None:
   parser.add_argument("--plot", default=None, help="write decode time vs T to this PNG")
   parser.add_argument("--models", default="bmojo,bmojo_f,mamba2,attention",
                       help="layers to time (B'MOJO is always timed; leave out attention at very long T; "
-                           "bmojo_unsplit: B'MOJO with query sub-blocks of W, i.e. no sub-blocking)")
+                           "bmojo_unsplit: B'MOJO with query sub-blocks of W, i.e. no sub-blocking; "
+                           "bmojo_novelty: B'MOJO scoring by key novelty, spec §4.1)")
   args = parser.parse_args()
   if args.quick:
     args.lengths, args.d_model, args.heads, args.window, args.memory, args.d_state = "256,1024", 64, 2, 32, 16, 16
@@ -71,7 +74,7 @@ def main() -> None:
   print(f"backend={jax.default_backend()} batch={b} d_model={d} heads={args.heads} W={args.window} "
         f"M={args.memory} N={args.d_state}")
 
-  names = ["bmojo"] + [n for n in ("bmojo_unsplit", "bmojo_f", "mamba2", "attention")
+  names = ["bmojo"] + [n for n in ("bmojo_unsplit", "bmojo_novelty", "bmojo_f", "mamba2", "attention")
                        if n in args.models.split(",")]
   train, decode = {}, {}
   for t in lengths:

@@ -3,6 +3,7 @@ r"""A 2-layer B'MOJO LM on MQAR: B'MOJO-F plus the innovation-selected eidetic s
 python train.py --config configs/mqar/bmojo.py --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:runlocal --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:memory_size=128 --workdir $WORKDIR    # T=256, 64 pairs
+python train.py --config configs/mqar/bmojo.py:runlocal,innovation=key_novelty --workdir $WORKDIR
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     arg: ``runlocal`` for a run of about a minute on 2 CPU cores; ``memory_size=M``, ``k_sel=K``,
       ``chunk_size=C`` set the store (spec §4.11: M >= 2 kv; the FIFO covers the last ``M / K`` chunks);
       ``selector_bias=True`` adds the learned store-logit bias of spec §4.7; ``bound=top_m`` keeps the ``M``
-      best-scored entries (spec §4.4).
+      best-scored entries (spec §4.4); ``innovation=key_novelty`` scores tokens by ``1 − max cos`` of their key
+      with the window's and the store's keys instead of the SSM residual (spec §4.1; no probe, no auxiliary loss).
 
   Returns:
     The experiment ConfigDict.
   """
   arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False,
-                     bound="fifo")
+                     bound="fifo", innovation="ssm_residual")
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -38,6 +40,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   opts.update(chunk_size=arg.chunk_size, k_sel=arg.k_sel, memory_size=arg.memory_size, aux_weight=0.1)
   if arg.bound != "fifo":  # spec §4.4: "top_m" keeps the M best-scored entries instead of the last M / K chunks
     opts.update(bound=arg.bound)
+  if arg.innovation != "ssm_residual":  # spec §4.1 alternatives ('external' needs a task with token_scores)
+    opts.update(innovation=arg.innovation)
+    opts.pop("aux_weight")
   if arg.selector_bias:  # spec §4.7: attention usage also trains the innovation scores
     opts.update(selector_bias=True)
   c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)

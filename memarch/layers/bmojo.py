@@ -13,7 +13,8 @@ at absolute positions on both paths. :class:`BMojo` adds the eidetic store of sp
 (the paper's store was never released; only "innovation-selected, bounded, causal, asynchronous" is confirmed):
 
   * innovation ``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` with ``P_u`` fixed (the identity, or a fixed random
-    projection to ``innovation_dim``) and the probe ``P_s`` trained by ``L_aux = aux_weight · mean_t e_t``;
+    projection to ``innovation_dim``) and the probe ``P_s`` trained by ``L_aux = aux_weight · mean_t e_t``
+    (``innovation="ssm_residual"``; ``"key_novelty"`` and ``"external"`` are the spec's alternatives);
   * per chunk of ``C`` tokens of one document the ``k_sel`` highest scores are written, visible from the next
     chunk on; a FIFO of the last ``M / k_sel`` chunks bounds the store at ``M`` entries; entries still in the
     window are masked;
@@ -38,6 +39,7 @@ from memarch.layers.common import DType, as_dtype, variance_scaling
 from memarch.layers.mamba2 import Mamba2, Mamba2State
 from memarch.ops import attention as attn_ops
 from memarch.ops import bmojo as bmojo_ops
+from memarch.ops import sequence_parallel
 from memarch.typing import Array
 
 
@@ -48,7 +50,7 @@ class BMojoState(NamedTuple):
     ssm: the Mamba-2 state (conv tail and SSM state).
     memory: window, fading and eidetic-store keys / values with their positions (:class:`BMojoMemory`).
     s_last: [b, d_model] SSM output of the last token, whose probe output predicts the next token (B'MOJO);
-      [b, 0] for B'MOJO-F.
+      [b, 0] for B'MOJO-F and the other innovation scores.
   """
   ssm: Mamba2State
   memory: bmojo_ops.BMojoMemory
@@ -79,6 +81,12 @@ class BMojoF(nn.Module):
     dtype: computation dtype (None: promoted input dtype).
     param_dtype: parameter dtype.
     state_dtype: dtype of the carried state (float32 by default).
+    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None:
+      unsharded). The Mamba-2 runs with the same ``sequence_axis``; each shard builds its read memory from halos
+      of ``W − 1`` in-context and ``2W − 1`` fading keys (and, with a store, ``C − 1`` candidates and an
+      all-gather of the chunks the preceding shards write; ``bound="fifo"`` only), see
+      :func:`memarch.ops.sequence_parallel.bmojo_attention_sequence_parallel` and spec §5.5. ``t`` must be
+      divisible by the axis size. The state passed in / returned is the one before / after the global sequence.
   """
   num_heads: int
   window: int
@@ -98,6 +106,7 @@ class BMojoF(nn.Module):
   dtype: DType = None
   param_dtype: DType = jnp.float32
   state_dtype: DType = jnp.float32
+  sequence_axis: str | None = None
 
   # -- configuration -------------------------------------------------------------------------------------------
 
@@ -161,7 +170,7 @@ class BMojoF(nn.Module):
     memory = bmojo_ops.init_memory(batch_size, window=self.window, chunk_size=c, k_sel=k_sel, memory_size=m,
                                    kv_heads=kv, head_dim=e, dtype=sd, bound=self._bound())
     ssm = self._ssm(parent=None).init_state(batch_size, d_model)
-    return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if m else 0), sd))
+    return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if self._keeps_s_last() else 0), sd))
 
   def state_size(self, d_model: int | None = None) -> int:
     """Floats of state per sequence: the Mamba-2 state, ``(3W − 2) · 2 · kv_heads · head_dim`` window and fading
@@ -171,7 +180,7 @@ class BMojoF(nn.Module):
     c, _, m = self.store_config()
     n = self._ssm(parent=None).state_size(d_model) + (3 * self.window - 2) * 2 * kv * e
     if m:
-      n += (m + c - 1) * (2 * kv * e + 1) + d_model
+      n += (m + c - 1) * (2 * kv * e + 1) + (d_model if self._keeps_s_last() else 0)
     return n
 
   # -- forward -------------------------------------------------------------------------------------------------
@@ -184,9 +193,13 @@ class BMojoF(nn.Module):
   def _rope(self, z: Array, positions: Array) -> Array:
     return attn_ops.rope(z, positions, max_wavelength=self.rope_max_wavelength) if self.use_rope else z
 
-  def _innovation(self, x: Array, s: Array, state: BMojoState, segment_ids: Array):
+  def _innovation(self, x: Array, s: Array, k: Array, state: BMojoState, segment_ids: Array,
+                  external: Array | None):
     """Scores and the auxiliary loss; B'MOJO-F has neither."""
-    del x, s, state, segment_ids
+    del x, s, k, state, segment_ids
+    if external is not None:
+      raise ValueError(f"{type(self).__name__}: innovation_scores are only read by BMojo with "
+                       "innovation='external'")
     return None, None
 
   def _selector_bias(self, num_heads: int):
@@ -198,15 +211,21 @@ class BMojoF(nn.Module):
     """The store's eviction rule (B'MOJO option); B'MOJO-F has no store."""
     return "fifo"
 
+  def _keeps_s_last(self) -> bool:
+    """Whether the state carries the last SSM output (the SSM-residual innovation predicts from it)."""
+    return False
+
   @nn.compact
-  def __call__(self, x: Array, *, segment_ids: Array | None = None,
-               state: BMojoState | None = None) -> tuple[Array, BMojoState]:
+  def __call__(self, x: Array, *, segment_ids: Array | None = None, state: BMojoState | None = None,
+               innovation_scores: Array | None = None) -> tuple[Array, BMojoState]:
     """Runs the layer over ``x`` from ``state``.
 
     Args:
       x: [b, t, d] inputs.
       segment_ids: [b, t] document ids (None: one document).
       state: state from a previous call (None: :meth:`init_state`).
+      innovation_scores: [b, t] per-token scores supplied by the caller: read only by B'MOJO with
+        ``innovation="external"`` (required there, rejected elsewhere).
 
     Returns:
       ``(y, new_state)``: output [b, t, d] and the state after the last token.
@@ -220,7 +239,8 @@ class BMojoF(nn.Module):
       state = self.init_state(b, d)
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
-    s, ssm_state = self._ssm(name="ssm")(x, segment_ids=segment_ids, state=state.ssm)
+    s, ssm_state = self._ssm(name="ssm", sequence_axis=self.sequence_axis)(
+        x, segment_ids=segment_ids, state=state.ssm)
     wq, wk, wv = self._proj("q", d, h, e), self._proj("k", d, kv, e), self._proj("v", d, kv, e)
     wo = self.param("o", nn.with_logical_partitioning(
         variance_scaling(1.0, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")), (h, e, d),
@@ -238,11 +258,17 @@ class BMojoF(nn.Module):
     v_fade = jnp.einsum("btd,dhe->bthe", s_c, wvf)
     q_fade = None if wqf is None else self._rope(jnp.einsum("btd,dhe->bthe", x_c, wqf), positions)
 
-    score, aux_loss = self._innovation(x, s, state, seg)
-    out, memory = bmojo_ops.bmojo_attention(
-        q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
-        chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block,
-        selector_bias=self._selector_bias(h), bound=self._bound())
+    score, aux_loss = self._innovation(x, s, k, state, seg, innovation_scores)
+    if self.sequence_axis is not None and t > 1:  # halos, offset prefix and the store band (spec §5.5)
+      out, memory = sequence_parallel.bmojo_attention_sequence_parallel(
+          q, k, v, k_fade, v_fade, state.memory, window=self.window, axis_name=self.sequence_axis,
+          segment_ids=seg, score=score, q_fade=q_fade, chunk_size=c, k_sel=k_sel, query_block=self.query_block,
+          selector_bias=self._selector_bias(h), bound=self._bound())
+    else:
+      out, memory = bmojo_ops.bmojo_attention(
+          q, k, v, k_fade, v_fade, state.memory, window=self.window, segment_ids=seg, score=score, q_fade=q_fade,
+          chunk_size=c, k_sel=k_sel, fresh=fresh, query_block=self.query_block,
+          selector_bias=self._selector_bias(h), bound=self._bound())
     if aux_loss is not None:
       wo = bmojo_ops.add_aux_gradient(wo, aux_loss)
     (wo,) = nn.dtypes.promote_dtype(wo, dtype=dtype)
@@ -266,7 +292,12 @@ class BMojo(BMojoF):
     chunk_size: selection chunk ``C`` (None: ``window``).
     k_sel: entries written per complete chunk (None: ``min(4, C)``); ``1 <= k_sel <= C``.
     memory_size: store bound ``M`` (None: ``16 · k_sel``); a multiple of ``k_sel``.
-    innovation_dim: width ``d_e`` of the innovation test (None: ``d_model`` with ``P_u`` the identity; else a
+    innovation: how tokens are scored for the store (spec §4.1): ``"ssm_residual"`` (the paper-consistent default:
+      ``‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²``, with the probe and ``L_aux``), ``"key_novelty"`` (``1 − max cos`` of
+      the token's pre-RoPE key with the window's and the visible store's keys,
+      :func:`memarch.ops.bmojo.key_novelty_score`; no parameters, no auxiliary loss) or ``"external"`` (the
+      caller's ``innovation_scores`` [b, t], e.g. a surprisal; no auxiliary loss).
+    innovation_dim: width ``d_e`` of the SSM-residual test (None: ``d_model`` with ``P_u`` the identity; else a
       fixed random projection).
     innovation_seed: seed of the fixed random ``P_u``.
     aux_weight: ``λ_aux`` of ``L_aux = λ_aux · mean_t e_t``, which trains the probe ``P_s``; 0 leaves it at init.
@@ -281,6 +312,7 @@ class BMojo(BMojoF):
   chunk_size: int | None = None
   k_sel: int | None = None
   memory_size: int | None = None
+  innovation: str = "ssm_residual"
   innovation_dim: int | None = None
   innovation_seed: int = 0
   aux_weight: float = 0.1
@@ -295,11 +327,42 @@ class BMojo(BMojoF):
     m = 16 * k_sel if self.memory_size is None else self.memory_size
     if m < 1:
       raise ValueError(f"BMojo: memory_size={m} must be >= 1 (use BMojoF for no store)")
+    if self.innovation not in bmojo_ops.INNOVATIONS:
+      raise ValueError(f"BMojo: innovation={self.innovation!r} must be one of {bmojo_ops.INNOVATIONS}")
     return c, k_sel, m
 
-  def _innovation(self, x: Array, s: Array, state: BMojoState, segment_ids: Array):
-    """``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` (stop-gradient scores) and ``L_aux`` (spec §4.1)."""
-    d = x.shape[-1]
+  def _keeps_s_last(self) -> bool:
+    return self.innovation == "ssm_residual"
+
+  def _innovation(self, x: Array, s: Array, k: Array, state: BMojoState, segment_ids: Array,
+                  external: Array | None):
+    """The scores the selection ranks and ``L_aux`` (spec §4.1; ``innovation`` picks the score).
+
+    ``ssm_residual``: ``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` (stop-gradient scores unless ``selector_bias``)
+    and ``L_aux = aux_weight · mean_t e_t``. ``key_novelty``: :func:`memarch.ops.bmojo.key_novelty_score` of the
+    keys ``k`` (no gradient, no ``L_aux``). ``external``: the caller's ``innovation_scores`` (no ``L_aux``; with
+    ``selector_bias`` their gradient is the caller's business).
+    """
+    b, t, d = x.shape
+    if self.innovation != "external" and external is not None:
+      raise ValueError(f"BMojo: innovation_scores are only read with innovation='external' (got "
+                       f"innovation={self.innovation!r})")
+    if self.innovation == "external":
+      if external is None:
+        raise ValueError("BMojo: innovation='external' needs innovation_scores [b, t] in the call")
+      if external.shape != (b, t):
+        raise ValueError(f"BMojo: innovation_scores must be [b={b}, t={t}], got {list(external.shape)}")
+      e = external.astype(jnp.float32)
+      self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
+      return (e if self.selector_bias else jax.lax.stop_gradient(e)), None
+    if self.innovation == "key_novelty":
+      c, k_sel, _ = self.store_config()
+      e = bmojo_ops.key_novelty_score(
+          k, state.memory, window=self.window, chunk_size=c, k_sel=k_sel, segment_ids=segment_ids,
+          bound=self.bound, rope_max_wavelength=self.rope_max_wavelength if self.use_rope else None,
+          query_block=self.query_block)
+      self.sow("intermediates", "innovation", e)
+      return e, None
     d_e = self.innovation_dim or d
     probe = self.param("innovation_probe", nn.with_logical_partitioning(
         variance_scaling(1.0, in_axis=0, out_axis=1), ("embed", None)), (d, d_e), as_dtype(self.param_dtype))

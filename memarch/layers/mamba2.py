@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from memarch.layers.common import CausalConv1D, ConvState, DType, as_dtype, variance_scaling
+from memarch.ops import sequence_parallel
 from memarch.ops import ssd as ssd_ops
 from memarch.ops.scan import ScanType, segment_starts
 from memarch.typing import Array
@@ -80,6 +81,11 @@ class Mamba2(nn.Module):
     dtype: computation dtype (None: promoted input dtype); the SSD itself always runs in float32.
     param_dtype: parameter dtype.
     state_dtype: dtype of the carried conv and SSM states (float32 by default).
+    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None:
+      unsharded). The conv and the SSD then run under ``jax.shard_map``, manual over this axis only, with a
+      ``conv_width - 1`` token halo and the SSM state pass of :mod:`memarch.ops.sequence_parallel` (spec §5.5);
+      ``t`` must be divisible by the axis size. A given ``state`` is the state before the global first token (shard
+      0 starts from it) and the returned state is the true one after the global last token, as unsharded.
   """
   d_model: int | None = None
   d_state: int = 128
@@ -97,6 +103,7 @@ class Mamba2(nn.Module):
   dtype: DType = None
   param_dtype: DType = jnp.float32
   state_dtype: DType = jnp.float32
+  sequence_axis: str | None = None
 
   def dims(self, d_model: int | None = None) -> tuple[int, int, int, int]:
     """``(d_inner, num_heads, head_dim, conv_channels)``, validating the fields.
@@ -189,30 +196,41 @@ class Mamba2(nn.Module):
     bc = jnp.einsum("btd,dkf->btkf", x_c, w_bc).reshape(b, t, 2 * g * n)
     dt = jnp.einsum("btd,dh->bth", x_c, w_dt)
 
-    # Whether the first token starts a new document: its id differs from the previous token's (the last id in the
-    # conv window; -1 there means no previous token, so the given initial state is kept).
-    prev_seg = state.conv.segment_ids[:, -1]
-    if segment_ids is None:
-      reset = None
-    else:
-      segment_ids = segment_ids.astype(jnp.int32)
-      reset = segment_starts(segment_ids, jnp.where(prev_seg >= 0, prev_seg, segment_ids[:, 0]))
-
     conv = CausalConv1D(width=self.conv_width, dtype=self.dtype, param_dtype=self.param_dtype,
                         state_dtype=self.state_dtype, name="conv")
-    xbc, conv_state = conv(jnp.concatenate([xp, bc], axis=-1), segment_ids=segment_ids, state=state.conv)
-    xbc = nn.silu(xbc)
-    xp = xbc[..., :d_inner].reshape(b, t, heads, head_dim)
-    bmat = xbc[..., d_inner:d_inner + g * n].reshape(b, t, g, n)
-    cmat = xbc[..., d_inner + g * n:].reshape(b, t, g, n)
-
     # The SSD parameters and the recurrence stay in float32 whatever the activation dtype.
     a = -jnp.exp(a_log.astype(jnp.float32))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
-    y, ssm = ssd_ops.ssd(xp, dt, a, bmat, cmat, state.ssm, reset=reset, scan_type=self.scan_type,
-                         chunk_size=self.chunk_size)
-    y = y.astype(jnp.float32) + d_skip.astype(jnp.float32)[:, None] * xp.astype(jnp.float32)
-    y = y.reshape(b, t, d_inner)
+    if segment_ids is not None:
+      segment_ids = segment_ids.astype(jnp.int32)
+
+    if self.sequence_axis is not None and t > 1:
+      # The conv runs inside the shard_map as a pure function of its parameters (created here at init).
+      xbc = jnp.concatenate([xp, bc], axis=-1)
+      if self.is_initializing():
+        conv(xbc[:, :1])
+      conv_fn = lambda p, u, s, st: conv.clone(parent=None).apply({"params": p}, u, segment_ids=s,
+                                                                  state=ConvState(*st))
+      y, conv_state, ssm = sequence_parallel.conv_ssd_sequence_parallel(
+          conv_fn, nn.meta.unbox(conv.variables["params"]), xbc, dt, a, d_skip, segment_ids, tuple(state.conv),
+          state.ssm, d_inner=d_inner, groups=g, axis_name=self.sequence_axis, chunk_size=self.chunk_size,
+          scan_type=self.scan_type)
+      conv_state = ConvState(*conv_state)
+    else:
+      # Whether the first token starts a new document: its id differs from the previous token's (the last id in
+      # the conv window; -1 there means no previous token, so the given initial state is kept).
+      prev_seg = state.conv.segment_ids[:, -1]
+      reset = None if segment_ids is None else segment_starts(
+          segment_ids, jnp.where(prev_seg >= 0, prev_seg, segment_ids[:, 0]))
+      xbc, conv_state = conv(jnp.concatenate([xp, bc], axis=-1), segment_ids=segment_ids, state=state.conv)
+      xbc = nn.silu(xbc)
+      xp = xbc[..., :d_inner].reshape(b, t, heads, head_dim)
+      bmat = xbc[..., d_inner:d_inner + g * n].reshape(b, t, g, n)
+      cmat = xbc[..., d_inner + g * n:].reshape(b, t, g, n)
+      y, ssm = ssd_ops.ssd(xp, dt, a, bmat, cmat, state.ssm, reset=reset, scan_type=self.scan_type,
+                           chunk_size=self.chunk_size)
+      y = y.astype(jnp.float32) + d_skip.astype(jnp.float32)[:, None] * xp.astype(jnp.float32)
+      y = y.reshape(b, t, d_inner)
 
     # Gated RMSNorm: gate first, then normalise each group of d_inner / G channels (statistics in float32).
     y = y * nn.silu(z.astype(jnp.float32))

@@ -240,7 +240,9 @@ class Block(nn.Module):
   def setup(self):
     cfg = self.config
     self.mixer_norm = RMSNorm(dtype=cfg.dtype)
-    self.mixer = mixer_registry.get_mixer_spec(cfg.mixers[self.index]).build(cfg, self.index)
+    spec = mixer_registry.get_mixer_spec(cfg.mixers[self.index])
+    self.mixer = spec.build(cfg, self.index)
+    self.score_kwarg = spec.score_kwarg(cfg) if spec.score_kwarg else None
     self.use_pkm = self.index in cfg.pkm_layers
     if cfg.mlp != "none" or self.use_pkm:
       self.mlp_norm = RMSNorm(dtype=cfg.dtype)
@@ -256,9 +258,10 @@ class Block(nn.Module):
       self.pkm = ProductKeyMemory(cfg.d_model, **cfg.pkm(), dtype=cfg.dtype, param_dtype=as_dtype(cfg.param_dtype))
 
   def __call__(self, x: Array, segment_ids: Array | None, state: Any,
-               route: Array | None = None) -> tuple[Array, Any]:
+               route: Array | None = None, token_scores: Array | None = None) -> tuple[Array, Any]:
     """Applies the block; returns the new residual stream and the mixer's new state."""
-    y, state = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, state=state)
+    scores = {} if self.score_kwarg is None else {self.score_kwarg: token_scores}
+    y, state = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, state=state, **scores)
     x = x + y
     cfg = self.config
     if cfg.mlp != "none" or self.use_pkm:
@@ -376,7 +379,8 @@ class Model(nn.Module):
     self.final_norm = RMSNorm(dtype=cfg.dtype)
 
   def __call__(self, tokens: Array, *, segment_ids: Array | None = None, states: States | None = None,
-               route: Array | None = None, logit_positions: Array | None = None) -> tuple[Array, States]:
+               route: Array | None = None, logit_positions: Array | None = None,
+               token_scores: Array | None = None) -> tuple[Array, States]:
     """Runs the LM over ``tokens`` from ``states``.
 
     Args:
@@ -388,6 +392,9 @@ class Model(nn.Module):
         Ignored otherwise.
       logit_positions: int32 [b, n]: compute the logits only at these positions of each row (gathered after the
         final norm, so the head costs n / t of the full one; spec bmojo.md §6.5). None: every position.
+      token_scores: float [b, t] per-token scores for the mixers that read them (``bmojo`` with
+        ``mixer_options["bmojo"]["innovation"] = "external"``: the store keeps the highest-scored tokens of each
+        chunk, e.g. by surprisal); required by such a model, ignored by the others.
 
     Returns:
       ``(logits, new_states)``: float32 logits [b, t, vocab] ([b, n, vocab] with ``logit_positions``) and the
@@ -413,11 +420,16 @@ class Model(nn.Module):
       if route.ndim != 2 or route.shape[0] != x.shape[0] or route.shape[1] < cfg.route_depth:
         raise ValueError(f"Model: route must be int32 [b={x.shape[0]}, depth>={cfg.route_depth}] (the levels of "
                          f"model.memory_options ranks), got {list(route.shape)}")
+    if self.reads_token_scores and token_scores is None:
+      raise ValueError("Model: a mixer reads per-token scores (innovation='external' in model.mixer_options); "
+                       "pass token_scores float [b, t]")
+    if token_scores is not None and token_scores.shape != x.shape[:2]:
+      raise ValueError(f"Model: token_scores must be [b, t] = {list(x.shape[:2])}, got {list(token_scores.shape)}")
     new_states = {}
     for i, block in enumerate(self.blocks):
       key = f"block_{i}"
       x, new_states[key] = block(x, segment_ids, None if states is None else states[key],
-                                 route if cfg.has_memory(i) else None)
+                                 route if cfg.has_memory(i) else None, token_scores)
     x = self.final_norm(x)
     if cfg.recon_weight > 0:  # read with mutable=["aux"]; the loss is the train step's (it knows the padding)
       self.sow("aux", "reconstruction", jnp.einsum("btd,df->btf", x, self.recon_head.astype(dtype),
@@ -427,6 +439,13 @@ class Model(nn.Module):
     head = self.embed.T if cfg.tie_embeddings else self.head
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     return logits, new_states
+
+  @property
+  def reads_token_scores(self) -> bool:
+    """Whether some mixer reads the per-token ``token_scores`` (works on an unbound module)."""
+    cfg = self.config
+    return any(spec.score_kwarg is not None and spec.score_kwarg(cfg) is not None
+               for spec in map(mixer_registry.get_mixer_spec, cfg.mixers))
 
   def init_state(self, batch_size: int) -> States:
     """Per-block mixer states before the first token; works on an unbound module."""
@@ -456,7 +475,9 @@ class Model(nn.Module):
     """Number of parameters (memory banks included), from shapes only (``jax.eval_shape``)."""
     f = self.config.input_features
     dummy = jnp.zeros((1, 1), jnp.int32) if f is None else jnp.zeros((1, 1, f), jnp.float32)
-    shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), dummy, route=self.dummy_route(1)))
+    scores = jnp.zeros((1, 1), jnp.float32) if self.reads_token_scores else None
+    shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), dummy, route=self.dummy_route(1),
+                                              token_scores=scores))
     boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
     # Unbox without sharding constraints, so this also works inside a mesh / logical-rules context.
     leaves = [x.unbox(apply_constraint=False) if boxed(x) else x

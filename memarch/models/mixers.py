@@ -26,10 +26,13 @@ class MixerSpec(NamedTuple):
       (e.g. attention scores); None: zero.
     validate: ``(config, seq_len) -> None`` raising ``ValueError`` naming the field for an unusable length;
       None: every length works.
+    score_kwarg: ``config -> str | None``: the keyword through which the built mixer reads the model's per-token
+      ``token_scores`` (B'MOJO with ``innovation="external"``: ``"innovation_scores"``); None: it reads none.
   """
   build: Callable[..., Any]
   extra_flops: Callable[["LMConfig", int], float] | None = None
   validate: Callable[["LMConfig", int], None] | None = None
+  score_kwarg: Callable[["LMConfig"], str | None] | None = None
 
 
 MIXERS: dict[str, MixerSpec] = {}
@@ -242,7 +245,7 @@ register_mixer("hcam", _hcam())
 _BMOJO_F_OPTIONS = ("window", "tie_attn_weights", "d_state", "expand", "ssm_head_dim", "conv_width",
                     "ssm_chunk_size", "query_block")
 _BMOJO_OPTIONS = _BMOJO_F_OPTIONS + ("chunk_size", "k_sel", "memory_size", "innovation_dim", "innovation_seed",
-                                     "aux_weight", "aux_grad_to_ssm", "selector_bias", "bound")
+                                     "aux_weight", "aux_grad_to_ssm", "selector_bias", "bound", "innovation")
 
 
 def _bmojo(name: str) -> MixerSpec:
@@ -278,9 +281,13 @@ def _bmojo(name: str) -> MixerSpec:
     _, heads, head_dim, channels = ssm.dims()
     q = min(ssm.chunk_size, seq_len)
     ssd = 2 * ssm.num_groups * q * ssm.d_state + heads * (2 * q * head_dim + 4 * head_dim * ssm.d_state)
+    kind = getattr(m, "innovation", None) if mem else None
     d_e = getattr(m, "innovation_dim", None) or cfg.d_model
-    innovation = 4 * cfg.d_model * d_e if mem else 0
-    return 3 * (4 * cfg.num_heads * cfg.head_dim * visible + ssd + 2 * ssm.conv_width * channels + innovation)
+    innovation = 4 * cfg.d_model * d_e if kind == "ssm_residual" else 0
+    # key novelty: cosines with W - 1 window keys, the store and one chunk's new entries, forward only
+    _, kv_heads, head_dim = m.dims()
+    novelty = 2 * kv_heads * head_dim * (w - 1 + mem + k_sel) if kind == "key_novelty" else 0
+    return 3 * (4 * cfg.num_heads * cfg.head_dim * visible + ssd + 2 * ssm.conv_width * channels + innovation) + novelty
 
   def validate(cfg: "LMConfig", seq_len: int) -> None:
     del seq_len
@@ -289,7 +296,11 @@ def _bmojo(name: str) -> MixerSpec:
     except ValueError as e:
       raise ValueError(f"model.mixer_options[{name!r}]: {e}") from None
 
-  return MixerSpec(build, extra_flops, validate)
+  def score_kwarg(cfg: "LMConfig") -> str | None:
+    external = name == "bmojo" and kwargs(cfg).get("innovation") == "external"
+    return "innovation_scores" if external else None
+
+  return MixerSpec(build, extra_flops, validate, score_kwarg)
 
 
 for _name in ("bmojo_f", "bmojo"):

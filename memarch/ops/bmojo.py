@@ -15,7 +15,9 @@ The eidetic store [ours, spec §4; the paper's text is unverified, only "innovat
 asynchronous" is confirmed]:
 
   * **Innovation** (§4.1): ``e_t = ‖u_t − p_{t−1}‖²`` with ``u_t`` the (stop-gradient) input projected by a fixed
-    ``P_u`` and ``p_{t−1} = s_{t−1} P_s`` the SSM's prediction of it (:func:`innovation_score`).
+    ``P_u`` and ``p_{t−1} = s_{t−1} P_s`` the SSM's prediction of it (:func:`innovation_score`). Alternatives
+    (§4.1): ``1 − max cos`` of the token's key with the window's and the store's keys (:func:`key_novelty_score`),
+    or a score supplied by the caller (the read takes any ``score``).
   * **Selection with a write delay** (§4.2): tokens are grouped in chunks of ``C`` consecutive tokens of one
     document, cut at in-document offsets that are multiples of ``C``. When a chunk is complete, its ``k_sel``
     highest-innovation tokens (ties: the earlier token) are written. They become visible to queries of the **next**
@@ -59,6 +61,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memarch.ops import attention as attn_ops
 from memarch.typing import Array, Float, Int
 
 _NEG_INF = -1e30  # finite: a query that sees no key gets a uniform softmax over masked logits, zeroed afterwards
@@ -312,6 +315,157 @@ def store_group_size(blocks: int, block: int, back: int, k_sel: int, carried: in
   cap = blocks if store_group is None else min(store_group, blocks)
   cost = lambda s: (carried + (back + s) * k_sel) * (kv_width / (s * block) + heads)
   return min((d for d in range(1, cap + 1) if blocks % d == 0), key=lambda d: (cost(d), d))
+
+
+INNOVATIONS = ("ssm_residual", "key_novelty", "external")
+
+
+def _unit_keys(k: Array, positions: Array, rope_max_wavelength: float | None) -> Array:
+  """Pre-RoPE keys of every kv head, concatenated and l2-normalised: float32 [b, n, kv_heads · head_dim]."""
+  k = k.astype(jnp.float32)
+  if rope_max_wavelength is not None:  # RoPE is a rotation: rotating by -position undoes it
+    k = attn_ops.rope(k, -positions, max_wavelength=rope_max_wavelength)
+  k = k.reshape(k.shape[:2] + (k.shape[2] * k.shape[3],))
+  return k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, axis=-1, keepdims=True), 1e-12))
+
+
+def key_novelty_score(
+    k: Float[Array, "b t k e"],
+    memory: BMojoMemory,
+    *,
+    window: int,
+    chunk_size: int,
+    k_sel: int,
+    segment_ids: Int[Array, "b t"] | None = None,
+    bound: str = "fifo",
+    rope_max_wavelength: float | None = None,
+    query_block: int | None = None,
+) -> Array:
+  """Innovation ``innovation="key_novelty"`` (spec §4.1 alternative, [ours]): ``e_t = 1 − max_j cos(k̄_t, k̄_j)``.
+
+  ``k̄`` is a token's in-context key before RoPE (all kv heads concatenated; RoPE would make the cosine depend on
+  the distance), and ``j`` ranges over ``K_window ∪ K_store``: the tokens ``[t − W + 1, t − 1]`` of ``t``'s
+  document and the store entries query ``t`` can read (same document, written by an earlier chunk, inside the bound;
+  for ``top_m`` an entry evicted at a chunk end stays visible up to that end, as in the read). With nothing to
+  compare (a document's first token, ``W = 1`` and an empty store) the maximum is taken as −1, so ``e_t = 2``: the
+  most novel. ``e_t`` depends on positions ``<= t`` only.
+
+  The store a token compares with depends on what earlier chunks selected, which depends on their scores, so the
+  store part is a ``lax.scan`` over the selection blocks of :func:`bmojo_attention` (``Q = min(C, t)`` tokens, at
+  most one chunk end each) carrying the store and the unfinished chunk's candidates; the window part is one banded
+  matmul. It selects exactly as :func:`bmojo_attention` will (same blocks, same ``top_k`` ties), so passing the
+  returned scores to it reproduces the store this scan tracked. No gradient flows into the scores.
+
+  Args:
+    k: [b, t, kv_heads, head_dim] the call's in-context keys (after RoPE when ``rope_max_wavelength`` is set).
+    memory: the memory before the call (must have a store).
+    window: ``W``.
+    chunk_size: selection chunk ``C``.
+    k_sel: entries written per complete chunk.
+    segment_ids: [b, t] document ids (None: one document).
+    bound: ``"fifo"`` or ``"top_m"``, as in :func:`bmojo_attention`.
+    rope_max_wavelength: RoPE base the keys were rotated with (None: not rotated).
+    query_block: sub-block size of the window part (:func:`query_block_size`); a speed knob only.
+
+  Returns:
+    float32 [b, t] scores in ``[0, 2]``.
+  """
+  b, t, kh, e = k.shape
+  m = memory.store.k.shape[1]
+  if not m:
+    raise ValueError("key_novelty_score: the memory has no store (memory_size = 0)")
+  check_config(window, chunk_size, k_sel, m, bound)
+  w, c = window, chunk_size
+  k = jax.lax.stop_gradient(k)
+  memory = jax.lax.stop_gradient(memory)
+  segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  positions = memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  offsets, _ = document_offsets(segment_ids, memory.last_segment, memory.offset)
+  unit = lambda z, pos: _unit_keys(z, pos, rope_max_wavelength)
+  bq = min(c, t)
+  nb = -(-t // bq)
+  pad = nb * bq - t
+  tp = nb * bq
+  pos_p = memory.length[:, None] + jnp.arange(tp, dtype=jnp.int32)[None]
+  seg_p = _pad_time(segment_ids, pad)
+  kn = _pad_time(unit(k, positions), pad)                                           # [b, tp, D]
+
+  # Window part: max cosine over [t − W + 1, t − 1] of the document, by sub-blocks of R queries (R + W − 1 keys).
+  rq = query_block_size(bq, w, query_block)
+  ns = tp // rq
+  ctx = memory.context
+  span = lambda z: _windows(z, ns, rq + w - 1, rq)
+  sk = span(_cat(unit(ctx.k, ctx.positions), kn))
+  spos, sseg = span(_cat(ctx.positions, pos_p)), span(_cat(ctx.segment_ids, seg_p))
+  qpos, qseg = pos_p.reshape(b, ns, rq, 1), seg_p.reshape(b, ns, rq, 1)
+  cos = jnp.einsum("bnqd,bnsd->bnqs", kn.reshape(b, ns, rq, -1), sk)
+  see = (spos[:, :, None] < qpos) & (spos[:, :, None] > qpos - w) & (spos[:, :, None] >= 0) & (sseg[:, :, None] == qseg)
+  win_max = jnp.max(jnp.where(see, cos, -1.0), axis=-1).reshape(b, tp)
+
+  # Store part: a scan over selection blocks carrying (store, candidates) with unit keys and final scores.
+  band = m // k_sel
+  chunk_p = _pad_time(offsets // c, pad)
+  ends = _pad_time((offsets + 1) % c == 0, pad, False)
+  valid = _pad_time(jnp.ones((b, t), bool), pad, False)
+  entries = lambda z: StoreEntries(unit(z.k, z.positions), jnp.zeros((b, z.k.shape[1], 0), jnp.float32),
+                                   z.positions, z.segment_ids, z.chunk, z.score)
+  blocks = lambda z: jnp.moveaxis(z.reshape((b, nb, bq) + z.shape[2:]), 1, 0)
+  xs = tuple(map(blocks, (kn, pos_p, seg_p, chunk_p, ends, valid, win_max)))
+
+  def visible(ent: StoreEntries, pb, sb, cb):
+    ok = ((ent.positions[:, None] >= 0) & (ent.segment_ids[:, None] == sb[:, :, None])
+          & (ent.chunk[:, None] <= cb[:, :, None] - 1))
+    if bound == "fifo":
+      ok &= ent.chunk[:, None] >= cb[:, :, None] - band
+    return ok
+
+  def best(ent: StoreEntries, kb, ok):
+    return jnp.max(jnp.where(ok, jnp.einsum("bqd,bsd->bqs", kb, ent.k), -1.0), axis=-1, initial=-1.0)
+
+  def step(carry, x):
+    store, cand = carry
+    kb, pb, sb, cb, eb, vb, wb = x
+    ok_old = visible(store, pb, sb, cb)
+    score_pre = 1.0 - jnp.maximum(wb, best(store, kb, ok_old))
+    # The chunk that ends in this block (at most one), selected as bmojo_attention selects it.
+    block = StoreEntries(kb, jnp.zeros((b, bq, 0), jnp.float32), pb, sb, cb, score_pre)
+    stream = jax.tree.map(_cat, cand, block)
+    stream_valid = _cat(cand.positions >= 0, vb)
+    has = (eb & vb).any(-1)
+    end = jnp.argmax(eb & vb, axis=-1)[:, None]
+    end_pos, end_seg, end_chunk = (jnp.take_along_axis(z, end, axis=1) for z in (pb, sb, cb))
+    member = stream_valid & (stream.segment_ids == end_seg) & (stream.chunk == end_chunk) & has[:, None]
+    _, pick = jax.lax.top_k(jnp.where(member, stream.score, -jnp.inf), k_sel)
+    new = jax.tree.map(lambda z: jnp.take_along_axis(z, pick.reshape(pick.shape + (1,) * (z.ndim - 2)), axis=1),
+                       stream)
+    new = new._replace(positions=jnp.where(has[:, None], new.positions, -1))
+    if bound == "fifo":
+      updated = jax.tree.map(lambda old, z: _cat(old[:, k_sel:], z), store, new)
+      kept_old = jnp.ones((b, m), bool)
+      kept_new = jnp.ones((b, k_sel), bool)
+    else:
+      union = jax.tree.map(_cat, store, new)
+      ok = (union.positions >= 0) & (union.segment_ids == end_seg)
+      _, keep = jax.lax.top_k(jnp.where(ok, union.score, -jnp.inf), m)  # ties: the stored entry stays
+      updated = jax.tree.map(
+          lambda z: jnp.take_along_axis(z, keep.reshape(keep.shape + (1,) * (z.ndim - 2)), axis=1), union)
+      updated = updated._replace(positions=jnp.where(jnp.take_along_axis(ok, keep, axis=1), updated.positions, -1))
+      in_keep = jnp.any(keep[:, :, None] == jnp.arange(m + k_sel), axis=1)
+      kept_old, kept_new = in_keep[:, :m] | ~has[:, None], in_keep[:, m:]
+    updated = jax.tree.map(lambda z, old: jnp.where(has.reshape((b,) + (1,) * (z.ndim - 1)), z, old), updated, store)
+    # Tokens after the chunk end read the updated store: old entries evicted at the end drop out, new ones (chunk
+    # rule: from the next chunk on) come in.
+    after = (has[:, None] & (pb > end_pos))[:, :, None]
+    ok_old &= kept_old[:, None] | ~after
+    ok_new = visible(new, pb, sb, cb) & kept_new[:, None]
+    score = 1.0 - jnp.maximum(jnp.maximum(wb, best(store, kb, ok_old)), best(new, kb, ok_new))
+    block = block._replace(score=score)
+    cand = jax.tree.map(lambda z: _last(z, c - 1), jax.tree.map(_cat, cand, block))
+    cand = cand._replace(positions=jnp.where(_last(stream_valid, c - 1), cand.positions, -1))
+    return (updated, cand), score
+
+  _, scores = jax.lax.scan(step, (entries(memory.store), entries(memory.candidates)), xs)
+  return jnp.moveaxis(scores, 0, 1).reshape(b, tp)[:, :t]
 
 
 def _top_m_read(store: StoreEntries, new: StoreEntries, has: Array, end: Array, q_p: Array, pos_p: Array,

@@ -8,7 +8,10 @@ import numpy as np
 from memarch.training import step as step_lib
 
 KEYS = ("inputs", "targets", "segment_ids", "positions")
-OPTIONAL_KEYS = ("route",)  # per-row int32 fields kept when the task provides them (facts: [b, depth] tree path)
+# Fields kept when the batch has them: per-row int32 ``route`` (facts: [b, depth] tree path) and float32
+# ``token_scores`` [b, L] (read by B'MOJO with innovation='external'; no built-in task makes them).
+OPTIONAL_KEYS = ("route", "token_scores")
+_FLOAT_KEYS = ("token_scores",)
 
 
 def pad_local(local: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -45,8 +48,8 @@ def make_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
   Returns:
     Global ``jax.Array``s of shape [global_batch_size, L] (inputs [global_batch_size, L, F] for features).
   """
-  cast = lambda k, v: np.asarray(v, np.float32 if k == "inputs" and np.issubdtype(v.dtype, np.floating)  # noqa: E731
-                                 else np.int32)
+  cast = lambda k, v: np.asarray(v, np.float32 if (k == "inputs" and np.issubdtype(v.dtype, np.floating))  # noqa: E731
+                                 or k in _FLOAT_KEYS else np.int32)
   keys = KEYS + tuple(k for k in OPTIONAL_KEYS if k in local)
   local = pad_local({k: cast(k, np.asarray(local[k])) for k in keys}, global_batch_size // jax.process_count())
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])

@@ -21,6 +21,8 @@ def _init_params(model: nn.Module, rng: jax.Array, batch_shape: tuple[int, ...])
   # Models with a routed memory take an int32 [b, depth] route; zeros (the first node of each level) suffice.
   route = model.dummy_route(batch_shape[0]) if hasattr(model, "dummy_route") else None
   kwargs = {} if route is None else {"route": route}
+  if getattr(model, "reads_token_scores", False):  # B'MOJO with innovation='external'
+    kwargs["token_scores"] = jnp.zeros(batch_shape[:2], jnp.float32)
   return model.init(rng, jnp.zeros(batch_shape, dtype), **kwargs)["params"]
 
 

@@ -134,6 +134,8 @@ def _forward(model: nn.Module, params: Any, batch: dict[str, jax.Array], route: 
   route = batch.get("route") if route is None else route
   if route is not None and "route" in accepted:
     kwargs["route"] = route
+  if "token_scores" in batch and "token_scores" in accepted:  # per-token scores (B'MOJO innovation='external')
+    kwargs["token_scores"] = batch["token_scores"]
   if stats is not None and recon_weight(model) > 0:
     (logits, _), aux = model.apply({"params": params}, batch["inputs"], mutable=["aux"], **kwargs)
     stats.update(reconstruction_stats(aux["aux"]["reconstruction"][0], batch["inputs"], batch["segment_ids"]))
@@ -150,7 +152,8 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
 
   Args:
     state: ``{"params", "opt", "step", "rng"}``.
-    batch: global arrays ``inputs``, ``targets``, ``segment_ids``, ``positions`` and optionally ``route``.
+    batch: global arrays ``inputs``, ``targets``, ``segment_ids``, ``positions`` and optionally ``route`` and
+      ``token_scores`` (float32 [B, L], for B'MOJO with ``innovation="external"``).
     model: the linen model.
     tx: the optimizer.
     schedule: step -> learning rate (for the ``lr`` metric).

@@ -118,6 +118,10 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
     if features != info.input_features:
       errors.append(f"model.input_features={features!r} does not match task {info.name!r}, whose inputs are "
                     + (f"{info.input_features}-dim feature vectors" if info.input_features else "token ids (None)"))
+    if model is not None and getattr(model, "reads_token_scores", False):
+      errors.append(f"model.mixer_options: innovation='external' needs per-token token_scores in every batch, and "
+                    f"task {info.name!r} has none (no built-in task does): use 'ssm_residual' or 'key_novelty' "
+                    "with train.py, or pass token_scores to train_step / Model in your own loop")
     depth = getattr(model, "route_depth", 0) if model is not None else 0
     if depth:  # a routed memory: the task's routes must reach every level of the bank, on a tree of its branching
       memory = model.config.memory()

@@ -18,7 +18,7 @@ from memarch.layers.mamba2 import Mamba2
 from memarch.ops import attention as attn_ops
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "ops"))
-from test_bmojo_ops import naive_bmojo  # noqa: E402  (the independent per-token reference)
+from test_bmojo_ops import naive_bmojo, naive_key_novelty  # noqa: E402  (the independent per-token references)
 
 T = 13  # divisible by neither the selection chunks (4, 3) nor the SSD chunk (4)
 SSM = dict(d_model=16, d_state=8, ssm_head_dim=8, ssm_chunk_size=4)
@@ -28,7 +28,14 @@ LAYERS = {
     "bmojo_top_m": (BMojo, dict(num_heads=2, window=3, chunk_size=4, k_sel=2, memory_size=3, bound="top_m", **SSM)),
     "bmojo_untied": (BMojo, dict(num_heads=2, window=2, chunk_size=3, k_sel=1, memory_size=3,
                                  tie_attn_weights=False, innovation_dim=8, **SSM)),
+    "bmojo_novelty": (BMojo, dict(num_heads=4, num_kv_heads=2, window=3, chunk_size=4, k_sel=2, memory_size=4,
+                                  innovation="key_novelty", **SSM)),
+    "bmojo_novelty_top_m": (BMojo, dict(num_heads=2, window=2, chunk_size=4, k_sel=1, memory_size=2, bound="top_m",
+                                        innovation="key_novelty", **SSM)),
+    "bmojo_external": (BMojo, dict(num_heads=2, window=2, chunk_size=3, k_sel=1, memory_size=3,
+                                   innovation="external", **SSM)),
 }
+SCORES = jax.random.uniform(jax.random.key(7), (2, T))  # the caller's scores for innovation="external"
 SEG = jnp.array([[0] * T, [0] * 5 + [1] * 8])  # row 1: a document starts at 5, not a chunk multiple
 
 
@@ -37,15 +44,17 @@ def _setup(name, **overrides):
   cls, fields = LAYERS[name]
   layer = cls(**{**fields, **overrides})
   x = jax.random.normal(jax.random.key(0), (2, T, 16))
-  params = jax.jit(layer.init)(jax.random.key(1), x)
+  kw = dict(innovation_scores=SCORES) if getattr(layer, "innovation", None) == "external" else {}
+  params = jax.jit(layer.init)(jax.random.key(1), x, **kw)
   return layer, jax.jit(layer.apply), params, x
 
 
-def _chunks(layer, apply, params, x, bounds, segment_ids=None):
+def _chunks(layer, apply, params, x, bounds, segment_ids=None, scores=None):
   state, ys = layer.init_state(x.shape[0]), []
   for lo, hi in bounds:
     seg = None if segment_ids is None else segment_ids[:, lo:hi]
-    y, state = apply(params, x[:, lo:hi], segment_ids=seg, state=state)
+    kw = {} if scores is None else dict(innovation_scores=scores[:, lo:hi])
+    y, state = apply(params, x[:, lo:hi], segment_ids=seg, state=state, **kw)
     ys.append(y)
   return jnp.concatenate(ys, 1), state
 
@@ -54,7 +63,7 @@ def _close(a, b, atol=1e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=1e-5), a, b)
 
 
-def _naive_layer(layer, params, x, seg):
+def _naive_layer(layer, params, x, seg, scores=None):
   """The layer recomputed by hand around the per-token reference of the ops test."""
   p = nn.meta.unbox(params)["params"]
   s, _ = Mamba2(d_model=16, d_state=8, head_dim=8, chunk_size=4).apply({"params": p["ssm"]}, x, segment_ids=seg)
@@ -68,7 +77,13 @@ def _naive_layer(layer, params, x, seg):
   qf = None if tied else rope(proj(x, p["q_fade"]))
   c, k_sel, m = layer.store_config()
   score = np.zeros((x.shape[0], T))
-  if m:
+  innovation = getattr(layer, "innovation", "ssm_residual")
+  if m and innovation == "key_novelty":  # pre-RoPE keys, the store kept by the reference itself
+    score = naive_key_novelty(proj(x, p["k"]), seg, window=layer.window, chunk=c, k_sel=k_sel, m=m,
+                              bound=layer.bound)
+  elif m and innovation == "external":
+    score = np.asarray(scores)
+  elif m:
     xn = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
     if layer.innovation_dim:
       xn = xn @ (jax.random.normal(jax.random.key(layer.innovation_seed), (16, layer.innovation_dim)) / 4.0)
@@ -104,6 +119,49 @@ def test_naive_equals_full_equals_chunks_equals_steps(name):
   _close(s_tok, s_full)
   assert isinstance(s_full, BMojoState)
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(s_full))
+
+
+@pytest.mark.parametrize("name", ["bmojo_novelty", "bmojo_external",
+                                  pytest.param("bmojo_novelty_top_m", marks=pytest.mark.slow)])
+def test_key_novelty_and_external_innovation_equal_reference_full_chunks_steps(name):
+  # Given B'MOJO scoring tokens by key novelty (no parameters) or by the caller's scores (spec §4.1 alternatives)
+  layer, apply, params, x = _setup(name)
+  scores = SCORES if layer.innovation == "external" else None
+  kw = {} if scores is None else dict(innovation_scores=scores)
+  # When run by the reference (which recomputes novelty per token with its own store), in one call, in uneven
+  # calls and token by token
+  ref = _naive_layer(layer, params, x, SEG, scores)
+  y_full, s_full = apply(params, x, segment_ids=SEG, **kw)
+  y_chk, s_chk = _chunks(layer, apply, params, x, [(0, 6), (6, 7), (7, T)], SEG, scores)
+  y_tok, s_tok = _chunks(layer, apply, params, x, [(t, t + 1) for t in range(T)], SEG, scores)
+  # Then all agree; neither mode has a probe, an auxiliary loss or a carried SSM output
+  np.testing.assert_allclose(y_full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_chk, y_full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_tok, y_full, atol=1e-5, rtol=1e-5)
+  _close(s_chk, s_full)
+  _close(s_tok, s_full)
+  assert "innovation_probe" not in params["params"] and s_full.s_last.shape == (2, 0)
+  floats = [a.size for a in jax.tree.leaves(layer.init_state(1)) if jnp.issubdtype(a.dtype, jnp.floating)]
+  assert layer.state_size() == sum(floats)  # the float state (positions and ids are int32 metadata)
+  if scores is not None:  # the caller's scores decide what is stored
+    _, s_rev = apply(params, x, segment_ids=SEG, innovation_scores=-scores)
+    assert not np.array_equal(s_rev.memory.store.positions, s_full.memory.store.positions)
+
+
+def test_innovation_scores_are_checked():
+  x = jnp.zeros((1, 4, 16))
+  ext = BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, innovation="external", **SSM)
+  with pytest.raises(ValueError, match="innovation_scores"):
+    ext.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"innovation_scores must be \[b=1, t=4\]"):
+    ext.init(jax.random.key(0), x, innovation_scores=jnp.zeros((1, 3)))
+  with pytest.raises(ValueError, match="innovation='external'"):
+    BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, **SSM).init(jax.random.key(0), x,
+                                                                     innovation_scores=jnp.zeros((1, 4)))
+  with pytest.raises(ValueError, match="innovation='external'"):
+    BMojoF(num_heads=2, window=2, **SSM).init(jax.random.key(0), x, innovation_scores=jnp.zeros((1, 4)))
+  with pytest.raises(ValueError, match="innovation="):
+    BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, innovation="surprise", **SSM).init_state(1)
 
 
 @pytest.mark.slow  # two compiles of a multi-call gradient: minutes on a loaded 2-core machine
@@ -165,7 +223,8 @@ def test_selector_bias_matches_reference_and_trains_the_probe():
     assert float(jnp.abs(grads[name]).max()) > 0, name
 
 
-@pytest.mark.parametrize("name", ["bmojo", "bmojo_f", pytest.param("bmojo_top_m", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["bmojo", "bmojo_f", pytest.param("bmojo_top_m", marks=pytest.mark.slow),
+                                  pytest.param("bmojo_novelty", marks=pytest.mark.slow)])
 def test_causality_future_tokens_change_nothing_before(name):
   layer, apply, params, x = _setup(name)
   # Jacobian of every output wrt every input: zero wherever the input is later than the output

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from memarch.ops import attention as attn_ops
 from memarch.ops import bmojo
 
 B, T, H, KH, E = 2, 23, 4, 2, 8
@@ -387,3 +388,119 @@ def test_top_m_keeps_the_best_scored_entries_not_the_latest():
   written = [j for c0 in range(0, T - T % 3, 3) for j in sorted(range(c0, c0 + 3), key=lambda j: (-sc[j], j))[:2]]
   best = sorted(written, key=lambda j: -sc[j])[:4]
   assert sorted(np.asarray(memory.store.positions[0]).tolist()) == sorted(best)
+
+
+def naive_key_novelty(kraw, seg, *, window, chunk, k_sel, m, bound="fifo", use_store=True):
+  """Per-token ``e_t = 1 − max cos(k̄_t, K_window ∪ K_store)`` (spec §4.1), float64, keeping the store explicitly.
+
+  ``kraw`` are the keys before RoPE; the store is updated with the scores as they are computed, exactly as in
+  :func:`naive_bmojo` (FIFO of written chunks or the ``m`` best entries of the document). ``use_store=False``
+  compares with the window only (to show the store matters).
+  """
+  kraw = np.asarray(kraw, np.float64)
+  b, t = kraw.shape[:2]
+  kn = kraw.reshape(b, t, -1)
+  kn = kn / np.linalg.norm(kn, axis=-1, keepdims=True)
+  seg = np.asarray(seg)
+  out = np.zeros((b, t))
+  for r in range(b):
+    written, cur, offset = [], [], 0
+    for i in range(t):
+      if i == 0 or seg[r, i] != seg[r, i - 1]:
+        offset, cur = 0, []
+      same = lambda j: seg[r, j] == seg[r, i]
+      near = [j for j in range(max(0, i - window + 1), i) if same(j)]
+      sto = [j for chunk_entries in written for j in chunk_entries if same(j)] if use_store else []
+      out[r, i] = 1.0 - max((float(kn[r, i] @ kn[r, j]) for j in near + sto), default=-1.0)
+      cur.append(i)
+      if (offset + 1) % chunk == 0:
+        best = sorted(cur, key=lambda j: (-out[r, j], j))[:k_sel]
+        if bound == "fifo":
+          written = (written + [sorted(best)])[-(m // k_sel):]
+        else:
+          pool = [j for chunk_entries in written for j in chunk_entries if same(j)] + sorted(best)
+          written = [sorted(pool, key=lambda j: -out[r, j])[:m]]
+        cur = []
+      offset += 1
+  return out
+
+
+def _novelty_stream(cfg, bounds, inputs, seg=SEG):
+  q, k_rot, v, kf, vf = inputs
+
+  @jax.jit
+  def run(q, k, v, kf, vf, seg, memory):
+    score = bmojo.key_novelty_score(k, memory, window=cfg["window"], chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
+                                    segment_ids=seg, bound=cfg.get("bound", "fifo"), rope_max_wavelength=10_000.0)
+    out, memory = bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
+                                        chunk_size=cfg["chunk"], k_sel=cfg["k_sel"], bound=cfg.get("bound", "fifo"))
+    return out, memory, score
+
+  memory, outs, scores = _memory(cfg), [], []
+  seg = jnp.asarray(seg)
+  for lo, hi in bounds:
+    o, memory, s = run(*(z[:, lo:hi] for z in (q, k_rot, v, kf, vf, seg)), memory)
+    outs.append(o)
+    scores.append(s)
+  return jnp.concatenate(outs, 1), jnp.concatenate(scores, 1), memory
+
+
+@pytest.mark.parametrize("name", ["bmojo", "top_m", pytest.param("c_lt_w", marks=pytest.mark.slow)])
+def test_key_novelty_equals_reference_full_uneven_calls_and_token_by_token(name):
+  # Given keys rotated by RoPE at their positions, packed documents in row 1, and the store bound of `name`
+  cfg = CFGS[name]
+  q, kraw, v, kf, vf, _, _ = _inputs(4)
+  k_rot = attn_ops.rope(kraw, jnp.broadcast_to(jnp.arange(T), (B, T)))
+  # When the novelty scores are computed per token from the pre-RoPE keys with an explicit store
+  ref_score = naive_key_novelty(kraw, SEG, **cfg)
+  ref_out, _ = naive_bmojo(q, k_rot, v, kf, vf, ref_score, SEG, **cfg)
+  # Then the scan gives the same scores and outputs in one call, in uneven calls and token by token
+  inputs = (q, k_rot, v, kf, vf)
+  full, s_full, m_full = _novelty_stream(cfg, [(0, T)], inputs)
+  chunked, s_chk, m_chk = _novelty_stream(cfg, [(0, 5), (5, 6), (6, 17), (17, T)], inputs)
+  steps, s_steps, m_steps = _novelty_stream(cfg, [(i, i + 1) for i in range(T)], inputs)
+  for s in (s_full, s_chk, s_steps):
+    np.testing.assert_allclose(s, ref_score, atol=1e-5)
+  for o in (full, chunked, steps):
+    np.testing.assert_allclose(o, ref_out, atol=1e-5, rtol=1e-5)
+  for a in (m_chk, m_steps):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, m_full)
+  # And the store changes the scores (a window-only score would differ), and first tokens score 2
+  window_only = naive_key_novelty(kraw, SEG, **cfg, use_store=False)
+  assert np.abs(window_only - ref_score).max() > 1e-3
+  np.testing.assert_allclose(s_full[:, 0], 2.0)
+  np.testing.assert_allclose(s_full[1, 9], 2.0)  # a document start
+
+
+def test_key_novelty_repeated_key_scores_zero_and_is_causal():
+  # A key equal (before RoPE) to one in the window scores 0; perturbing later keys leaves earlier scores alone.
+  cfg = CFGS["bmojo"]
+  _, kraw, *_ = _inputs(5)
+  kraw = kraw.at[:, 7].set(kraw[:, 5] * 3.0)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  fn = jax.jit(lambda kr: bmojo.key_novelty_score(
+      attn_ops.rope(kr, pos), _memory(cfg), window=3, chunk_size=4, k_sel=2, segment_ids=jnp.asarray(SEG),
+      rope_max_wavelength=10_000.0))
+  base = fn(kraw)
+  np.testing.assert_allclose(base[0, 7], 0.0, atol=1e-6)
+  for tau in (6, 13):
+    later = (jnp.arange(T) > tau)[None, :, None, None]
+    pert = fn(jnp.where(later, kraw + jax.random.normal(jax.random.key(tau), kraw.shape), kraw))
+    np.testing.assert_array_equal(pert[:, :tau + 1], base[:, :tau + 1])
+    assert np.abs(np.asarray(pert[:, tau + 1:] - base[:, tau + 1:])).max() > 1e-3
+
+
+def test_key_novelty_top_m_entry_evicted_at_a_chunk_end_drops_out_for_the_rest_of_the_block():
+  # Given W = 1 (no window: the store alone decides), M = 2 (the first chunk's entry scores 2 and stays), C = 4 and documents that start at 2 (row 0) and 1
+  # (row 1), so every selection block of 4 tokens holds a chunk end followed by tokens of the next chunk
+  cfg = dict(window=1, chunk=4, k_sel=1, m=2, bound="top_m")
+  seg = np.array([[0] * 2 + [1] * (T - 2), [0] + [1] * (T - 1)])
+  q, kraw, v, kf, vf, _, _ = _inputs(6)
+  k_rot = attn_ops.rope(kraw, jnp.broadcast_to(jnp.arange(T), (B, T)))
+  ref = naive_key_novelty(kraw, seg, **cfg)
+  # When scored in one call and token by token
+  _, full, _ = _novelty_stream(cfg, [(0, T)], (q, k_rot, v, kf, vf), seg)
+  _, steps, _ = _novelty_stream(cfg, [(i, i + 1) for i in range(T)], (q, k_rot, v, kf, vf), seg)
+  # Then the tokens after a chunk end compare with the new entry only, as the reference does
+  np.testing.assert_allclose(full, ref, atol=1e-5)
+  np.testing.assert_allclose(steps, ref, atol=1e-5)
