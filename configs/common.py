@@ -51,12 +51,13 @@ def add_sharding(c: mlc.ConfigDict) -> None:
   """Sets the default mesh (all devices data-parallel) and the logical axis rules (CONVENTIONS.md C6, C10).
 
   Scale out by editing ``c.mesh``, e.g. ``[("data", -1), ("fsdp", 8), ("tensor", 4)]``; the rules already map
-  weights to ``fsdp`` / ``tensor``.
+  weights to ``fsdp`` / ``tensor`` and the sequence to an optional ``("sequence", n)`` axis (Mamba-2 / B'MOJO layers
+  then split their recurrence over it, spec bmojo.md §5.5).
   """
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.logical_axis_rules = [
       ("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-      ("vocab", "tensor"), ("act_heads", "tensor")]
+      ("vocab", "tensor"), ("act_heads", "tensor"), ("act_len", "sequence")]
 
 
 def adamw(lr: float, *, warmup_steps: int, b2: float = 0.98, wd: float = 0.1) -> mlc.ConfigDict:

@@ -1,7 +1,8 @@
 """Logical axis names used by every memarch layer, and default rules mapping them to mesh axes.
 
 Layers only ever name *logical* axes (CONVENTIONS.md C6); configs map them onto the mesh axes
-``data``, ``fsdp`` and ``tensor`` (and ``memory`` for sharded memory banks).
+``data``, ``fsdp`` and ``tensor`` (and ``memory`` for sharded memory banks, ``sequence`` for sequence parallelism:
+``act_len`` maps to it, and Mamba-2 / B'MOJO then split their recurrence over it, spec bmojo.md §5.5).
 
 Weights:
   ``embed``        the model width of a weight matrix (FSDP-sharded by default).
@@ -32,7 +33,7 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 # Default rules: batch over data x fsdp; weights FSDP on `embed`; tensor parallel on mlp/heads/vocab.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_batch", ("data", "fsdp")),
-    ("act_len", None),
+    ("act_len", "sequence"),  # dropped on meshes without a `sequence` axis
     ("act_emb", None),
     ("act_heads", "tensor"),
     ("embed", "fsdp"),

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import DType, as_dtype, variance_scaling
+from memarch.layers.common import DType, as_dtype, resolve_sequence_axis, variance_scaling
 from memarch.layers.mamba2 import Mamba2, Mamba2State
 from memarch.ops import attention as attn_ops
 from memarch.ops import bmojo as bmojo_ops
@@ -81,12 +81,13 @@ class BMojoF(nn.Module):
     dtype: computation dtype (None: promoted input dtype).
     param_dtype: parameter dtype.
     state_dtype: dtype of the carried state (float32 by default).
-    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None:
-      unsharded). The Mamba-2 runs with the same ``sequence_axis``; each shard builds its read memory from halos
-      of ``W − 1`` in-context and ``2W − 1`` fading keys (and, with a store, ``C − 1`` candidates and an
-      all-gather of the chunks the preceding shards write; ``bound="fifo"`` only), see
-      :func:`memarch.ops.sequence_parallel.bmojo_attention_sequence_parallel` and spec §5.5. ``t`` must be
-      divisible by the axis size. The state passed in / returned is the one before / after the global sequence.
+    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None: the
+      axis the ``act_len`` logical rule names on the current mesh, if any; unsharded without one). The Mamba-2 runs
+      with the same ``sequence_axis``; each shard builds its read memory from halos of ``W − 1`` in-context and ``2W −
+      1`` fading keys (and, with a store, ``C − 1`` candidates and an all-gather of the chunks the preceding shards
+      write; ``bound="fifo"`` only), see :func:`memarch.ops.sequence_parallel.bmojo_attention_sequence_parallel` and
+      spec §5.5. ``t`` must be divisible by the axis size. The state passed in / returned is the one before / after
+      the global sequence.
   """
   num_heads: int
   window: int
@@ -239,7 +240,8 @@ class BMojoF(nn.Module):
       state = self.init_state(b, d)
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
-    s, ssm_state = self._ssm(name="ssm", sequence_axis=self.sequence_axis)(
+    sequence_axis = resolve_sequence_axis(self.sequence_axis)
+    s, ssm_state = self._ssm(name="ssm", sequence_axis=sequence_axis)(
         x, segment_ids=segment_ids, state=state.ssm)
     wq, wk, wv = self._proj("q", d, h, e), self._proj("k", d, kv, e), self._proj("v", d, kv, e)
     wo = self.param("o", nn.with_logical_partitioning(
@@ -259,9 +261,9 @@ class BMojoF(nn.Module):
     q_fade = None if wqf is None else self._rope(jnp.einsum("btd,dhe->bthe", x_c, wqf), positions)
 
     score, aux_loss = self._innovation(x, s, k, state, seg, innovation_scores)
-    if self.sequence_axis is not None and t > 1:  # halos, offset prefix and the store band (spec §5.5)
+    if sequence_axis is not None and t > 1:  # halos, offset prefix and the store band (spec §5.5)
       out, memory = sequence_parallel.bmojo_attention_sequence_parallel(
-          q, k, v, k_fade, v_fade, state.memory, window=self.window, axis_name=self.sequence_axis,
+          q, k, v, k_fade, v_fade, state.memory, window=self.window, axis_name=sequence_axis,
           segment_ids=seg, score=score, q_fade=q_fade, chunk_size=c, k_sel=k_sel, query_block=self.query_block,
           selector_bias=self._selector_bias(h), bound=self._bound())
     else:

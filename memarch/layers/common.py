@@ -17,6 +17,29 @@ from memarch.typing import Array
 DType = jnp.dtype | str | None
 
 
+def resolve_sequence_axis(explicit: str | None) -> str | None:
+  """The mesh axis a sequence-parallel layer splits the sequence over (spec bmojo.md §5.5).
+
+  ``explicit`` when given; otherwise the mesh axis the ``act_len`` logical rule names on the current mesh
+  (``jax.set_mesh`` and ``nn.logical_axis_rules``, e.g. ``config.mesh`` with a ``("sequence", n)`` axis under the
+  default rules), if it has more than one device; else None (unsharded).
+
+  Raises:
+    ValueError: ``act_len`` maps to several mesh axes.
+  """
+  if explicit is not None:
+    return explicit
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  spec = nn.logical_to_mesh_axes(("act_len",))[0]
+  axes = tuple(a for a in ((spec,) if isinstance(spec, str) else (spec or ())) if a in mesh.axis_names)
+  if len(axes) > 1:
+    raise ValueError(f"logical_axis_rules: 'act_len' maps to several mesh axes {axes}; sequence parallelism "
+                     "supports one")
+  return axes[0] if axes and mesh.shape[axes[0]] > 1 else None
+
+
 def as_dtype(dtype: DType) -> jnp.dtype | None:
   """``"bfloat16"`` / ``jnp.bfloat16`` / None -> a numpy dtype or None."""
   return None if dtype is None else jnp.dtype(dtype)

@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import CausalConv1D, ConvState, DType, as_dtype, variance_scaling
+from memarch.layers.common import (CausalConv1D, ConvState, DType, as_dtype, resolve_sequence_axis,
+                                   variance_scaling)
 from memarch.ops import sequence_parallel
 from memarch.ops import ssd as ssd_ops
 from memarch.ops.scan import ScanType, segment_starts
@@ -81,11 +82,13 @@ class Mamba2(nn.Module):
     dtype: computation dtype (None: promoted input dtype); the SSD itself always runs in float32.
     param_dtype: parameter dtype.
     state_dtype: dtype of the carried conv and SSM states (float32 by default).
-    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None:
-      unsharded). The conv and the SSD then run under ``jax.shard_map``, manual over this axis only, with a
-      ``conv_width - 1`` token halo and the SSM state pass of :mod:`memarch.ops.sequence_parallel` (spec §5.5);
-      ``t`` must be divisible by the axis size. A given ``state`` is the state before the global first token (shard
-      0 starts from it) and the returned state is the true one after the global last token, as unsharded.
+    sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None: the
+      axis the ``act_len`` logical rule names on the current mesh, if any, see
+      :func:`memarch.layers.common.resolve_sequence_axis`; unsharded without one). The conv and the SSD then run under
+      ``jax.shard_map``, manual over this axis only, with a ``conv_width - 1`` token halo and the SSM state pass of
+      :mod:`memarch.ops.sequence_parallel` (spec §5.5); ``t`` must be divisible by the axis size. A given ``state`` is
+      the state before the global first token (shard 0 starts from it) and the returned state is the true one after
+      the global last token, as unsharded.
   """
   d_model: int | None = None
   d_state: int = 128
@@ -204,7 +207,8 @@ class Mamba2(nn.Module):
     if segment_ids is not None:
       segment_ids = segment_ids.astype(jnp.int32)
 
-    if self.sequence_axis is not None and t > 1:
+    sequence_axis = resolve_sequence_axis(self.sequence_axis)
+    if sequence_axis is not None and t > 1:
       # The conv runs inside the shard_map as a pure function of its parameters (created here at init).
       xbc = jnp.concatenate([xp, bc], axis=-1)
       if self.is_initializing():
@@ -213,7 +217,7 @@ class Mamba2(nn.Module):
                                                                   state=ConvState(*st))
       y, conv_state, ssm = sequence_parallel.conv_ssd_sequence_parallel(
           conv_fn, nn.meta.unbox(conv.variables["params"]), xbc, dt, a, d_skip, segment_ids, tuple(state.conv),
-          state.ssm, d_inner=d_inner, groups=g, axis_name=self.sequence_axis, chunk_size=self.chunk_size,
+          state.ssm, d_inner=d_inner, groups=g, axis_name=sequence_axis, chunk_size=self.chunk_size,
           scan_type=self.scan_type)
       conv_state = ConvState(*conv_state)
     else:

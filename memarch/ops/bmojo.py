@@ -24,7 +24,8 @@ asynchronous" is confirmed]:
     chunks only: a selected token was compared with later tokens of its own chunk, so reading it inside that chunk
     would leak the future. A document's unfinished last chunk is never written.
   * **What is stored** (§4.3): the token's own in-context key (RoPE at its position) and value, its position, its
-    document id, its in-document chunk index and its score.
+    document key (the position of its document's first token: a segment id reused later in a row starts a new
+    document, whichever way the row is cut into calls), its in-document chunk index and its score.
   * **Bound** (§4.4, ``bound="fifo"``): the store keeps the entries of the last ``M / k_sel`` written chunks
     (``M`` entries). Query ``t`` in chunk ``c`` of document ``s`` therefore reads the entries of chunks
     ``[c − M/k_sel, c − 1]`` of ``s``: a static band.
@@ -74,7 +75,8 @@ class WindowKV(NamedTuple):
     k: [b, slots, kv_heads, head_dim] keys (after RoPE).
     v: [b, slots, kv_heads, head_dim] values.
     positions: [b, slots] absolute position of each slot; -1 marks an empty slot.
-    segment_ids: [b, slots] document id of each slot.
+    segment_ids: [b, slots] document key of each slot: the absolute position of its document's first token
+      (unique per document of a row, even when a segment id is reused later in the row).
   """
   k: Array
   v: Array
@@ -89,7 +91,7 @@ class StoreEntries(NamedTuple):
     k: [b, slots, kv_heads, head_dim] the token's in-context key (RoPE at its own position).
     v: [b, slots, kv_heads, head_dim] its in-context value.
     positions: [b, slots] its absolute position; -1 marks an empty slot.
-    segment_ids: [b, slots] its document id.
+    segment_ids: [b, slots] its document key (the absolute position of its document's first token).
     chunk: [b, slots] index of its selection chunk inside its document.
     score: [b, slots] its innovation score (float32).
   """
@@ -381,13 +383,14 @@ def key_novelty_score(
   segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   positions = memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   offsets, _ = document_offsets(segment_ids, memory.last_segment, memory.offset)
+  docs = positions - offsets  # document keys, as bmojo_attention stores them
   unit = lambda z, pos: _unit_keys(z, pos, rope_max_wavelength)
   bq = min(c, t)
   nb = -(-t // bq)
   pad = nb * bq - t
   tp = nb * bq
   pos_p = memory.length[:, None] + jnp.arange(tp, dtype=jnp.int32)[None]
-  seg_p = _pad_time(segment_ids, pad)
+  seg_p = _pad_time(docs, pad)
   kn = _pad_time(unit(k, positions), pad)                                           # [b, tp, D]
 
   # Window part: max cosine over [t − W + 1, t − 1] of the document, by sub-blocks of R queries (R + W − 1 keys).
@@ -617,6 +620,9 @@ def bmojo_attention(
   segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   positions = memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   offsets, _ = document_offsets(segment_ids, memory.last_segment, memory.offset)
+  # Every mask below compares document keys (the position of the document's first token), not segment ids, so a
+  # segment id that comes back later in the row is a new document whichever way the row is cut into calls.
+  docs = positions - offsets
 
   # Selection blocks of Q tokens (at most one chunk end each); the padded tail has positions after every real
   # query, so causality hides it. The in-context and fading reads use sub-blocks of R | Q queries: R + W - 1 keys
@@ -629,7 +635,7 @@ def bmojo_attention(
   ns, per = tp // rq, bq // rq
   g = h // kh
   pos_p = memory.length[:, None] + jnp.arange(tp, dtype=jnp.int32)[None]
-  seg_p = _pad_time(segment_ids, pad)
+  seg_p = _pad_time(docs, pad)
   q_p = _pad_time(q, pad)
   qs = q_p.reshape(b, ns, rq, kh, g, e)
   qfs = _pad_time(q_fade, pad).reshape(b, ns, rq, kh, g, e)
@@ -753,9 +759,9 @@ def bmojo_attention(
 
   new_memory = BMojoMemory(
       context=WindowKV(*(_last(_cat(old, new), w - 1).astype(old.dtype) for old, new in
-                         zip(memory.context, (k, v, positions, segment_ids)))),
+                         zip(memory.context, (k, v, positions, docs)))),
       fading=WindowKV(*(_last(_cat(old, new), 2 * w - 1).astype(old.dtype) for old, new in
-                        zip(memory.fading, (k_fade, v_fade, positions, segment_ids)))),
+                        zip(memory.fading, (k_fade, v_fade, positions, docs)))),
       candidates=new_candidates,
       store=new_store,
       offset=offsets[:, -1] + 1,

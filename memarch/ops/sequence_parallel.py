@@ -336,8 +336,9 @@ def bmojo_memory_sharded(memory: bmojo_ops.BMojoMemory, k: Array, v: Array, k_fa
   ``memory.store``; :func:`bmojo_attention_sharded` folds it):
 
     * ``context`` / ``fading``: the last ``W − 1`` in-context and ``2W − 1`` fading keys, values, positions and
-      document ids before the shard (:func:`halo`, shard 0 reads ``memory``'s; the halo may span shards);
-    * ``candidates`` (with a store): the last ``C − 1`` tokens with their keys, values, positions, document ids,
+      document keys (the position of each document's first token) before the shard (:func:`halo`, shard 0 reads
+      ``memory``'s; the halo may span shards);
+    * ``candidates`` (with a store): the last ``C − 1`` tokens with their keys, values, positions, document keys,
       in-document chunk indices and scores;
     * ``last_segment``: the previous token's document id; ``length``: ``memory.length + i · t``;
     * ``offset``: the in-document offset the first token has if it continues that document, a prefix over the
@@ -370,8 +371,6 @@ def bmojo_memory_sharded(memory: bmojo_ops.BMojoMemory, k: Array, v: Array, k_fa
   def window_halo(n, new, old):
     return type(old)(*(halo(z.astype(o.dtype), n, axis_name, o) for z, o in zip(new, old)))
 
-  context = window_halo(window - 1, (k, v, positions, segment_ids), memory.context)
-  fading = window_halo(2 * window - 1, (k_fade, v_fade, positions, segment_ids), memory.fading)
   last_segment = halo(segment_ids, 1, axis_name, memory.last_segment[:, None].astype(jnp.int32))[:, 0]
   # Offsets fold: a shard that starts a document fixes the next shard's offset; one that does not adds t.
   offsets, starts = bmojo_ops.document_offsets(segment_ids, last_segment, jnp.zeros((b,), jnp.int32))
@@ -380,13 +379,17 @@ def bmojo_memory_sharded(memory: bmojo_ops.BMojoMemory, k: Array, v: Array, k_fa
   offset = memory.offset.astype(jnp.int32)
   for i in range(shards - 1):
     offset = jnp.where(i < me, jnp.where(all_has[i], all_next[i], offset + t), offset)
+  # The memory keys its slots by document (the position of the document's first token), as bmojo_attention does.
+  offsets, _ = bmojo_ops.document_offsets(segment_ids, last_segment, offset)
+  docs = positions - offsets
+  context = window_halo(window - 1, (k, v, positions, docs), memory.context)
+  fading = window_halo(2 * window - 1, (k_fade, v_fade, positions, docs), memory.fading)
   candidates = memory.candidates
   n_cand = candidates.k.shape[1]
   if n_cand:
     if score is None or chunk_size is None:
       raise ValueError("bmojo_memory_sharded: a memory with candidates needs score and chunk_size")
-    offsets, _ = bmojo_ops.document_offsets(segment_ids, last_segment, offset)
-    candidates = window_halo(n_cand, (k, v, positions, segment_ids, offsets // chunk_size, score), candidates)
+    candidates = window_halo(n_cand, (k, v, positions, docs, offsets // chunk_size, score), candidates)
   return memory._replace(context=context, fading=fading, candidates=candidates, offset=offset,
                          last_segment=last_segment, length=length)
 

@@ -64,9 +64,10 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
     mesh_sizes = [(n, int(s)) for n, s in config.mesh]
     known = math.prod(s for _, s in mesh_sizes if s != -1)
     sizes = {n: (s if s != -1 else num_devices // max(known, 1)) for n, s in mesh_sizes}
-    unknown_axes = [n for n, _ in mesh_sizes if n not in sharding.MESH_AXES + ("memory",)]
+    optional = ("memory", "sequence")
+    unknown_axes = [n for n, _ in mesh_sizes if n not in sharding.MESH_AXES + optional]
     if unknown_axes:
-      errors.append(f"mesh: unknown axes {unknown_axes}; known are {sharding.MESH_AXES + ('memory',)}")
+      errors.append(f"mesh: unknown axes {unknown_axes}; known are {sharding.MESH_AXES + optional}")
     elif [s for _, s in mesh_sizes].count(-1) > 1 or math.prod(sizes.values()) != num_devices:
       errors.append(f"mesh={list(map(tuple, config.mesh))} does not match the {num_devices} devices present "
                     f"(sizes multiply to {math.prod(sizes.values())}; at most one -1)")
@@ -114,6 +115,15 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
             model.validate(length)
           except ValueError as e:
             errors.append(f"input.seq_len={seq_len}: the {split} eval split has length {length}: {e}")
+    target = dict((n, t) for n, t in config.logical_axis_rules).get("act_len")
+    seq_axes = [a for a in ((target,) if isinstance(target, str) else (target or ())) if a in sizes]
+    shards = math.prod(sizes[a] for a in seq_axes)
+    if shards > 1:  # sequence parallelism (spec bmojo.md §5.5): every length must split evenly
+      for split, length in [("train", seq_len)] + [(s, info.seq_len_of(s)) for s in info.eval_splits]:
+        if length % shards:
+          errors.append(f"mesh: the sequence axes {seq_axes} split sequences into {shards} shards, but the {split} "
+                        f"sequences have length {length} (input.seq_len={seq_len}); use a divisor")
+          break
     features = config.model.get("input_features")
     if features != info.input_features:
       errors.append(f"model.input_features={features!r} does not match task {info.name!r}, whose inputs are "

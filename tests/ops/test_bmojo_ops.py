@@ -16,7 +16,9 @@ from memarch.ops import attention as attn_ops
 from memarch.ops import bmojo
 
 B, T, H, KH, E = 2, 23, 4, 2, 8
-SEG = np.array([[0] * T, [0] * 9 + [1] * 6 + [2] * 8])  # row 1: documents start at 9 and 15 (not chunk multiples)
+# Row 1 packs four documents starting at 4, 7 and 15 (7 and 15 are not chunk multiples); the third reuses the first
+# one's id 0, so the old document's keys are still in its fading span and store band: a new document all the same.
+SEG = np.array([[0] * T, [0] * 4 + [1] * 3 + [0] * 8 + [2] * 8])
 
 
 def _softmax(z, xp):
@@ -47,7 +49,7 @@ def naive_bmojo(q, k, v, kf, vf, score, seg, *, window, chunk, k_sel, m, qf=None
     for i in range(t):
       if i == 0 or seg[r, i] != seg[r, i - 1]:
         offset, cur = 0, []
-      same = lambda j: seg[r, j] == seg[r, i]
+      same = lambda j: seg[r, j] == seg[r, i] and j >= i - offset  # i's document (ids may come back later)
       ctx = [j for j in range(t) if i - window < j <= i and same(j)]
       fad = [j for j in range(t) if i - 2 * window < j <= i - window and same(j)]
       sto = [j for chunk_entries in written for j in chunk_entries if same(j) and j <= i - window]
@@ -408,7 +410,7 @@ def naive_key_novelty(kraw, seg, *, window, chunk, k_sel, m, bound="fifo", use_s
     for i in range(t):
       if i == 0 or seg[r, i] != seg[r, i - 1]:
         offset, cur = 0, []
-      same = lambda j: seg[r, j] == seg[r, i]
+      same = lambda j: seg[r, j] == seg[r, i] and j >= i - offset
       near = [j for j in range(max(0, i - window + 1), i) if same(j)]
       sto = [j for chunk_entries in written for j in chunk_entries if same(j)] if use_store else []
       out[r, i] = 1.0 - max((float(kn[r, i] @ kn[r, j]) for j in near + sto), default=-1.0)
@@ -469,7 +471,7 @@ def test_key_novelty_equals_reference_full_uneven_calls_and_token_by_token(name)
   window_only = naive_key_novelty(kraw, SEG, **cfg, use_store=False)
   assert np.abs(window_only - ref_score).max() > 1e-3
   np.testing.assert_allclose(s_full[:, 0], 2.0)
-  np.testing.assert_allclose(s_full[1, 9], 2.0)  # a document start
+  np.testing.assert_allclose(s_full[1, [4, 7, 15]], 2.0)  # document starts
 
 
 def test_key_novelty_repeated_key_scores_zero_and_is_causal():
@@ -491,8 +493,9 @@ def test_key_novelty_repeated_key_scores_zero_and_is_causal():
 
 
 def test_key_novelty_top_m_entry_evicted_at_a_chunk_end_drops_out_for_the_rest_of_the_block():
-  # Given W = 1 (no window: the store alone decides), M = 2 (the first chunk's entry scores 2 and stays), C = 4 and documents that start at 2 (row 0) and 1
-  # (row 1), so every selection block of 4 tokens holds a chunk end followed by tokens of the next chunk
+  # Given W = 1 (no window: the store alone decides), M = 2 (the first chunk's entry scores 2 and stays), C = 4
+  # and documents that start at 2 (row 0) and 1 (row 1), so every selection block of 4 tokens holds a chunk end
+  # followed by tokens of the next chunk
   cfg = dict(window=1, chunk=4, k_sel=1, m=2, bound="top_m")
   seg = np.array([[0] * 2 + [1] * (T - 2), [0] + [1] * (T - 1)])
   q, kraw, v, kf, vf, _, _ = _inputs(6)
@@ -504,3 +507,25 @@ def test_key_novelty_top_m_entry_evicted_at_a_chunk_end_drops_out_for_the_rest_o
   # Then the tokens after a chunk end compare with the new entry only, as the reference does
   np.testing.assert_allclose(full, ref, atol=1e-5)
   np.testing.assert_allclose(steps, ref, atol=1e-5)
+
+
+def test_key_novelty_stores_the_distinct_tokens_among_repeated_fillers():
+  # Given an MQAR-like row (spec §4.11): one filler key repeated everywhere except at 6 distinct keys
+  t, c = 24, 4
+  special = np.array([2, 5, 7, 9, 10, 14])
+  keys = np.tile(np.asarray(jax.random.normal(jax.random.key(0), (1, 1, KH, E))), (1, t, 1, 1))
+  keys[0, special] = np.asarray(jax.random.normal(jax.random.key(1), (len(special), KH, E)))
+  keys = jnp.asarray(keys)
+  memory = bmojo.init_memory(1, window=3, chunk_size=c, k_sel=2, memory_size=12, kv_heads=KH, head_dim=E)
+  # When scored by key novelty and written by the read (a FIFO of all 6 chunks)
+  score = bmojo.key_novelty_score(keys, memory, window=3, chunk_size=c, k_sel=2)
+  _, mem = bmojo.bmojo_attention(jnp.zeros((1, t, H, E)), keys, keys, keys, keys, memory, window=3, score=score,
+                                 chunk_size=c, k_sel=2)
+  # Then a repeated filler scores 0 (it matches its window or the stored first filler), the document's first token 2
+  # (nothing to compare), every distinct key scores high, and the store holds all of them
+  score = np.asarray(score)[0]
+  fillers = np.setdiff1d(np.arange(1, t), special)
+  np.testing.assert_allclose(score[fillers], 0.0, atol=1e-6)
+  np.testing.assert_allclose(score[0], 2.0)
+  assert score[special].min() > 0.3, score[special]
+  assert set(special) <= set(np.asarray(mem.store.positions)[0].tolist())

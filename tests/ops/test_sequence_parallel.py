@@ -240,8 +240,10 @@ def test_bmojo_store_sequence_parallel_matches_unsharded(window, chunk, k_sel, m
   q, k, v, kf, vf, _ = _bmojo_inputs(t)
   score = jax.random.uniform(jax.random.key(5), (b, t))
   seg = np.zeros((b, t), np.int32)
-  seg[1] = 6  # fresh ids: the carried store of row 1 holds entries of documents 0 and 5
-  seg[1, 9:] = 7
+  # Row 1's carried store holds entries of documents 0 and 5; ids 0 and 5 come back as new documents, which must
+  # not read them (documents are told apart by where they start).
+  seg[1] = 0
+  seg[1, 9:] = 5
   seg[1, 16:] = 8
   seg = jnp.asarray(seg)
   mem0 = _bmojo_memory(window, chunk, k_sel, m)
