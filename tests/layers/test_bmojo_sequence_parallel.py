@@ -16,6 +16,11 @@ from memarch.layers.bmojo import BMojo, BMojoF
 AUTO = jax.sharding.AxisType.Auto
 
 
+def _close_leaves(got, want, tol):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
+
+
 def _layer(**kw):
   return BMojoF(num_heads=2, window=5, num_kv_heads=1, d_model=8, d_state=4, expand=2, ssm_head_dim=4,
                 ssm_chunk_size=3, **kw)
@@ -52,10 +57,8 @@ def test_sharded_bmojo_f_matches_unsharded():
   # Then outputs, every leaf of the new state and the gradients (parameters and x) are the unsharded ones
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_par, l_ref, rtol=1e-5)
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(s), jax.tree.leaves(s_ref)):
-    np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g_par), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(a, b_, atol=2e-5, rtol=2e-5, err_msg=jax.tree_util.keystr(path))
+  _close_leaves(s, s_ref, 1e-5)
+  _close_leaves(g_par, g_ref, 2e-5)
 
 
 @pytest.mark.slow
@@ -92,10 +95,8 @@ def test_sharded_bmojo_with_a_fifo_store_matches_unsharded():
   # and the selector bias's) are the unsharded ones
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_par, l_ref, rtol=1e-5)
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(s), jax.tree.leaves(s_ref)):
-    np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g_par), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(a, b_, atol=2e-5, rtol=2e-5, err_msg=jax.tree_util.keystr(path))
+  _close_leaves(s, s_ref, 1e-5)
+  _close_leaves(g_par, g_ref, 2e-5)
 
 
 def test_sharded_bmojo_top_m_is_rejected():
