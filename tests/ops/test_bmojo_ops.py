@@ -447,7 +447,9 @@ def _novelty_stream(cfg, bounds, inputs, seg=SEG):
   return jnp.concatenate(outs, 1), jnp.concatenate(scores, 1), memory
 
 
-@pytest.mark.parametrize("name", ["bmojo", "top_m", pytest.param("c_lt_w", marks=pytest.mark.slow)])
+# top_m's scan is also covered by the eviction test below in the default suite.
+@pytest.mark.parametrize("name", ["bmojo", pytest.param("top_m", marks=pytest.mark.slow),
+                                  pytest.param("c_lt_w", marks=pytest.mark.slow)])
 def test_key_novelty_equals_reference_full_uneven_calls_and_token_by_token(name):
   # Given keys rotated by RoPE at their positions, packed documents in row 1, and the store bound of `name`
   cfg = CFGS[name]

@@ -21,6 +21,7 @@ def _model(**kw):
                mixer_options=OPTS, **kw)
 
 
+@pytest.mark.slow  # token-by-token LM compiles; the train-step test below covers the model path by default
 def test_lm_passes_token_scores_to_the_store_full_equals_steps():
   # Given an LM whose B'MOJO keeps the tokens its caller scores highest
   model = _model()
