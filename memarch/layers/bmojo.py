@@ -84,8 +84,8 @@ class BMojoF(nn.Module):
     sequence_axis: mesh axis (of the mesh set by ``jax.set_mesh``) to split the sequence over for ``t > 1`` (None: the
       axis the ``act_len`` logical rule names on the current mesh, if any; unsharded without one). The Mamba-2 runs
       with the same ``sequence_axis``; each shard builds its read memory from halos of ``W − 1`` in-context and
-      ``2W − 1`` fading keys (and, with a store, ``C − 1`` candidates and an all-gather of the chunks the preceding
-      shards write; ``bound="fifo"`` only), see
+      ``2W − 1`` fading keys (and, with a store, ``C − 1`` candidates and an all-gather of the store each preceding
+      shard writes), see
       :func:`memarch.ops.sequence_parallel.bmojo_attention_sequence_parallel` and spec §5.5. ``t`` must be divisible
       by the axis size. The state passed in / returned is the one before / after the global sequence.
   """

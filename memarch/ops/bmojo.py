@@ -447,12 +447,7 @@ def key_novelty_score(
       kept_old = jnp.ones((b, m), bool)
       kept_new = jnp.ones((b, k_sel), bool)
     else:
-      union = jax.tree.map(_cat, store, new)
-      ok = (union.positions >= 0) & (union.segment_ids == end_seg)
-      _, keep = jax.lax.top_k(jnp.where(ok, union.score, -jnp.inf), m)  # ties: the stored entry stays
-      updated = jax.tree.map(
-          lambda z: jnp.take_along_axis(z, keep.reshape(keep.shape + (1,) * (z.ndim - 2)), axis=1), union)
-      updated = updated._replace(positions=jnp.where(jnp.take_along_axis(ok, keep, axis=1), updated.positions, -1))
+      updated, keep = top_m_merge(store, new, end_seg[:, 0])
       in_keep = jnp.any(keep[:, :, None] == jnp.arange(m + k_sel), axis=1)
       kept_old, kept_new = in_keep[:, :m] | ~has[:, None], in_keep[:, m:]
     updated = jax.tree.map(lambda z, old: jnp.where(has.reshape((b,) + (1,) * (z.ndim - 1)), z, old), updated, store)
@@ -469,6 +464,36 @@ def key_novelty_score(
 
   _, scores = jax.lax.scan(step, (entries(memory.store), entries(memory.candidates)), xs)
   return jnp.moveaxis(scores, 0, 1).reshape(b, tp)[:, :t]
+
+
+def _empty_unless(entries: StoreEntries, ok: Array) -> StoreEntries:
+  """Entries with every slot where ``ok`` [b, n] is False emptied (position -1, all else 0).
+
+  An emptied slot keeps nothing of the entry it was taken from, so the ``top_m`` store is one function of the
+  entries written, whatever calls or shards they came through (what the sequence-sharded fold relies on).
+  """
+  clear = lambda z: jnp.where(ok.reshape(ok.shape + (1,) * (z.ndim - 2)), z, jnp.zeros_like(z))
+  return jax.tree.map(clear, entries)._replace(positions=jnp.where(ok, entries.positions, -1))
+
+
+def top_m_merge(store: StoreEntries, new: StoreEntries, document: Array) -> tuple[StoreEntries, Array]:
+  """The ``bound="top_m"`` store after a chunk end of ``document`` [b] writes ``new`` (spec §4.4).
+
+  Keeps the ``M`` best-scored entries of ``store ∪ new`` that belong to ``document`` (entries of an earlier
+  document drop out), best first; at equal scores the stored entry stays (``top_k`` keeps the lower slot), so the
+  store is the ``M`` best under (score, then writing order). Scores are ranked without their gradient; the other
+  slots are empty.
+
+  Returns:
+    ``(kept, keep)``: the new store and, per slot, its index in ``concat(store, new)``.
+  """
+  m = store.k.shape[1]
+  union = jax.tree.map(lambda old, z: _cat(old.astype(z.dtype), z), store, new)
+  ok = (union.positions >= 0) & (union.segment_ids == document[:, None])
+  _, keep = jax.lax.top_k(jnp.where(ok, jax.lax.stop_gradient(union.score), -jnp.inf), m)
+  kept = jax.tree.map(lambda z: jnp.take_along_axis(z, keep.reshape(keep.shape + (1,) * (z.ndim - 2)), axis=1),
+                      union)
+  return _empty_unless(kept, jnp.take_along_axis(ok, keep, axis=1)), keep
 
 
 def _top_m_read(store: StoreEntries, new: StoreEntries, has: Array, end: Array, q_p: Array, pos_p: Array,
@@ -494,12 +519,7 @@ def _top_m_read(store: StoreEntries, new: StoreEntries, has: Array, end: Array, 
   def step(buf, xs):
     fresh_entries, has_n, end_pos_n, end_seg_n = xs
     union = jax.tree.map(lambda old, z: _cat(old.astype(z.dtype), z), buf, fresh_entries)   # [b, M + k_sel]
-    ok = (union.positions >= 0) & (union.segment_ids == end_seg_n[:, None])
-    # At equal scores top_k keeps the lower slot: the entry already stored.
-    _, keep = jax.lax.top_k(jnp.where(ok, jax.lax.stop_gradient(union.score), -jnp.inf), m)
-    kept = jax.tree.map(lambda z: jnp.take_along_axis(z, keep.reshape(keep.shape + (1,) * (z.ndim - 2)), axis=1),
-                        union)
-    kept = kept._replace(positions=jnp.where(jnp.take_along_axis(ok, keep, axis=1), kept.positions, -1))
+    kept, keep = top_m_merge(buf, fresh_entries, end_seg_n)
     new_buf = jax.tree.map(lambda z, old: jnp.where(has_n.reshape((b,) + (1,) * (z.ndim - 1)), z.astype(old.dtype),
                                                     old), kept, buf)
     evicted = has_n[:, None] & ~jnp.any(keep[:, :, None] == slots, axis=1)

@@ -14,9 +14,9 @@ unsharded one (spec ``bmojo.md`` §5.5):
     state ``h_in`` and correct its outputs by the carried term ``y_t += (prod_{s<=t} a_s) h_in C_t``.
 
 B'MOJO (spec §3, §4) adds, per shard, the document-offset prefix (an ``all_gather`` of one integer pair per row)
-and, with the eidetic store (``bound="fifo"``), the store band: each shard's selection is run from an empty store,
-the ``M`` entries it writes are all-gathered and folded into the FIFO in front of every shard
-(:func:`bmojo_attention_sharded`).
+and, with the eidetic store, the store band: each shard's selection is run from an empty store, the ``M`` entries
+it writes are all-gathered and folded into the store in front of every shard, as a FIFO (``bound="fifo"``) or as
+the ``M`` best-scored (``bound="top_m"``) (:func:`bmojo_attention_sharded`).
 
 Functions named ``*_sharded`` run **inside** ``jax.shard_map`` over ``axis_name`` (they see one shard);
 :func:`ssd_sequence_parallel`, :func:`conv_ssd_sequence_parallel` (Mamba-2's conv + SSD core) and
@@ -420,6 +420,38 @@ def _fold_store(carried: bmojo_ops.StoreEntries, written: bmojo_ops.StoreEntries
   return store
 
 
+def _varying(tree: Any, axis_name: str) -> Any:
+  """Marks every leaf as varying over ``axis_name`` (a ``shard_map`` type; values unchanged)."""
+  def cast(z):
+    aval = jax.typeof(z)
+    axes = aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else aval.vma
+    return z if axis_name in axes else jax.lax.pcast(z, (axis_name,), to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def _fold_top_m_store(carried: bmojo_ops.StoreEntries, written: bmojo_ops.StoreEntries,
+                      axis_name: str) -> bmojo_ops.StoreEntries:
+  """The ``top_m`` store in front of this shard: the carried store merged with what each preceding shard wrote.
+
+  A ``top_m`` store after any run of chunk ends is the ``M`` best entries (by score, then writing order) that the
+  last ended chunk's document wrote so far (:func:`~memarch.ops.bmojo.top_m_merge` drops other documents), and the
+  ``M`` best of a union are the ``M`` best of the ``M`` best of its parts. So each shard's store after its tokens
+  from an empty one (``written``: empty when it ends no chunk) is all-gathered and merged in shard order, earlier
+  shards first (they win ties, as stored entries do). One ``all_gather`` of ``M`` entries per shard.
+  """
+  b = carried.positions.shape[0]
+  every = jax.tree.map(lambda z: jax.lax.all_gather(z, axis_name), written)   # [S, b, M, ...]
+  me = jax.lax.axis_index(axis_name)
+  store = carried
+  for i in range(axis_size(axis_name, "_fold_top_m_store") - 1):
+    new = jax.tree.map(lambda z: z[i], every)
+    merged, _ = bmojo_ops.top_m_merge(store, new, new.segment_ids[:, 0])
+    take = (i < me) & jnp.any(new.positions >= 0, axis=1)                  # [b]: shard i ended a chunk
+    store = jax.tree.map(lambda f, old: jnp.where(take.reshape((b,) + (1,) * (old.ndim - 1)), f.astype(old.dtype),
+                                                  old), merged, store)
+  return store
+
+
 def bmojo_attention_sharded(
     q: Array, k: Array, v: Array, k_fade: Array, v_fade: Array, memory: bmojo_ops.BMojoMemory, *, window: int,
     axis_name: str, segment_ids: Int[Array, "b t"], score: Float[Array, "b t"] | None = None,
@@ -430,10 +462,12 @@ def bmojo_attention_sharded(
   """One shard of the B'MOJO(-F) read over a sequence split along ``axis_name`` (call inside ``shard_map``).
 
   B'MOJO-F: the incoming memory is :func:`bmojo_memory_sharded`'s, then :func:`~memarch.ops.bmojo.bmojo_attention`
-  runs unchanged. With the eidetic store (``bound="fifo"`` only) the store in front of the shard needs the chunks
-  the preceding shards write: a first ``bmojo_attention`` call from an empty store gives this shard's written
-  chunks (only its selection is live; the read is dead code under ``jit``), an ``all_gather`` of those ``M``
-  entries per shard and a FIFO fold give the incoming store, and the second call reads with it.
+  runs unchanged. With the eidetic store the store in front of the shard needs the chunks the preceding shards
+  write: a first ``bmojo_attention`` call from an empty store gives this shard's written store (only its selection
+  is live; the read is dead code under ``jit``), an ``all_gather`` of those ``M`` entries per shard and a fold (the
+  FIFO's last ``M / k_sel`` chunks, or ``top_m``'s ``M`` best of the document) give the incoming store, and the
+  second call reads with it. Selection does not depend on the store with either bound, so the first call's
+  selections are the unsharded ones.
 
   Args:
     q, k, v, k_fade, v_fade: this shard's queries / keys / values as in :func:`~memarch.ops.bmojo.bmojo_attention`.
@@ -446,7 +480,7 @@ def bmojo_attention_sharded(
     chunk_size: selection chunk ``C`` (with a store).
     k_sel: entries written per complete chunk.
     selector_bias: ``(γ, τ)`` of the store-logit bias, or None.
-    bound: the store's eviction rule; only ``"fifo"`` (a static band) is sequence-sharded.
+    bound: the store's eviction rule, ``"fifo"`` or ``"top_m"``.
     scale: logit scale (None: ``1/sqrt(head_dim)``).
     query_block: sub-block bound of the read (a speed knob).
 
@@ -455,12 +489,9 @@ def bmojo_attention_sharded(
     global one).
 
   Raises:
-    ValueError: naming ``bound`` for ``"top_m"`` with a store.
+    ValueError: a store without ``score`` or ``chunk_size`` (from :func:`bmojo_memory_sharded`).
   """
   use_store = memory.store.k.shape[1] > 0
-  if use_store and bound != "fifo":
-    raise ValueError(f"bmojo_attention_sharded: bound={bound!r}: only the 'fifo' store (a static band) is "
-                     "sequence-sharded")
   if use_store and score is not None and selector_bias is None:
     score = jax.lax.stop_gradient(score)  # as bmojo_attention treats its own tokens' scores
   mem_in = bmojo_memory_sharded(memory, k, v, k_fade, v_fade, segment_ids, window=window, axis_name=axis_name,
@@ -474,8 +505,14 @@ def bmojo_attention_sharded(
     empty = st._replace(k=jnp.zeros_like(st.k), v=jnp.zeros_like(st.v), positions=jnp.full_like(st.positions, -1),
                         segment_ids=jnp.zeros_like(st.segment_ids), chunk=jnp.zeros_like(st.chunk),
                         score=jnp.zeros_like(st.score))
+    if bound == "top_m":  # the top_m read scans over the store: its carry must vary over the axis from the start
+      empty = _varying(empty, axis_name)
     _, written = call(mem_in._replace(store=empty), True)
-    mem_in = mem_in._replace(store=_fold_store(memory.store, written.store, k_sel, axis_name))
+    if bound == "fifo":
+      store = _fold_store(memory.store, written.store, k_sel, axis_name)
+    else:
+      store = _varying(_fold_top_m_store(memory.store, written.store, axis_name), axis_name)
+    mem_in = mem_in._replace(store=store)
   return call(mem_in, False)
 
 
@@ -493,8 +530,7 @@ def bmojo_attention_sequence_parallel(
 
   Args:
     q, k, v, k_fade, v_fade, memory, window, segment_ids, score, q_fade, chunk_size, k_sel, selector_bias, bound,
-      scale, query_block: as in :func:`memarch.ops.bmojo.bmojo_attention` (global sequence; ``bound="fifo"``
-      only with a store).
+      scale, query_block: as in :func:`memarch.ops.bmojo.bmojo_attention` (global sequence).
     axis_name: the mesh axis the sequence is split over.
     mesh: the mesh (None: the one set by ``jax.set_mesh``).
 
@@ -502,13 +538,10 @@ def bmojo_attention_sequence_parallel(
     ``(out, new_memory)`` as :func:`memarch.ops.bmojo.bmojo_attention`.
 
   Raises:
-    ValueError: no mesh, ``axis_name`` not in it, ``t`` not divisible by its size, or a ``top_m`` store.
+    ValueError: no mesh, ``axis_name`` not in it, or ``t`` not divisible by its size.
   """
   b, t = q.shape[:2]
   mesh, _ = _sequence_mesh(mesh, axis_name, t, "bmojo_attention_sequence_parallel")
-  if memory.store.k.shape[1] and bound != "fifo":
-    raise ValueError(f"bmojo_attention_sequence_parallel: bound={bound!r}: only the 'fifo' store (a static band) "
-                     "is sequence-sharded")
   segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   seq = P(None, axis_name)
   opt = lambda z: None if z is None else seq

@@ -62,13 +62,16 @@ def test_sharded_bmojo_f_matches_unsharded():
 
 
 @pytest.mark.slow
-def test_sharded_bmojo_with_a_fifo_store_matches_unsharded():
-  # Given full B'MOJO (SSM-residual innovation with its auxiliary loss, selector bias, a FIFO store of 2 chunks of
-  # C = 6 tokens, so chunks straddle the 4-token shards), a carried state and documents spanning shards
+@pytest.mark.parametrize("bound,innovation,memory_size", [("fifo", "ssm_residual", 4), ("top_m", "key_novelty", 3)])
+def test_sharded_bmojo_with_a_store_matches_unsharded(bound, innovation, memory_size):
+  # Given full B'MOJO (FIFO: SSM-residual innovation with its auxiliary loss, a store of 2 chunks; top_m: key
+  # novelty, the 3 best entries of the document), a selector bias, chunks of C = 6 tokens straddling the 4-token
+  # shards, a carried state and documents spanning shards
   mesh = jax.make_mesh((8,), ("sequence",), axis_types=(AUTO,))
   t = 32
   layer = BMojo(num_heads=2, window=3, num_kv_heads=1, d_model=8, d_state=4, ssm_head_dim=4, ssm_chunk_size=4,
-                chunk_size=6, k_sel=2, memory_size=4, selector_bias=True)
+                chunk_size=6, k_sel=2, memory_size=memory_size, selector_bias=True, bound=bound,
+                innovation=innovation)
   x = jax.random.normal(jax.random.key(0), (2, t, 8))
   seg = np.full((2, t), 1, np.int32)
   seg[1, 10:] = 2
@@ -89,20 +92,11 @@ def test_sharded_bmojo_with_a_fifo_store_matches_unsharded():
 
   (l_ref, (y_ref, s_ref)), g_ref = run(layer)(params, x)
   with jax.set_mesh(mesh):
-    # When the store in front of each shard is folded from the chunks the preceding shards write
+    # When the store in front of each shard is folded from the stores the preceding shards write
     (l_par, (y, s)), g_par = run(layer.clone(sequence_axis="sequence"))(params, x)
-  # Then outputs, the state (store, candidates, windows, SSM) and all gradients (incl. the probe's, through L_aux,
-  # and the selector bias's) are the unsharded ones
+  # Then outputs, the state (store, candidates, windows, SSM) and all gradients (the selector bias's, and with the
+  # SSM residual the probe's through L_aux) are the unsharded ones
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_par, l_ref, rtol=1e-5)
   _close_leaves(s, s_ref, 1e-5)
   _close_leaves(g_par, g_ref, 2e-5)
-
-
-def test_sharded_bmojo_top_m_is_rejected():
-  x = jnp.zeros((2, 8, 8))
-  layer = BMojo(num_heads=2, window=2, d_model=8, d_state=4, ssm_head_dim=4, memory_size=2, k_sel=1, bound="top_m")
-  params = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))
-  with jax.set_mesh(jax.make_mesh((8,), ("sequence",), axis_types=(AUTO,))):
-    with pytest.raises(ValueError, match="bound='top_m': only the 'fifo' store"):
-      jax.eval_shape(lambda p: layer.clone(sequence_axis="sequence").apply(p, x), params)

@@ -21,6 +21,12 @@ from memarch.ops.ssd import ssd_chunked
 AUTO = jax.sharding.AxisType.Auto
 
 
+def _close_leaves(got, want, tol=1e-5):
+  """Leaf-by-leaf closeness of two pytrees, naming the leaf that differs."""
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
+
+
 def _mesh(shape):
   names = ("data", "sequence") if len(shape) == 2 else ("sequence",)
   return jax.make_mesh(shape, names, axis_types=(AUTO,) * len(shape))
@@ -213,32 +219,38 @@ def test_bmojo_f_sequence_parallel_matches_unsharded(window, tied):
   # Then the outputs, the new memory (windows, offset, last segment, length) and the gradients are the unsharded
   np.testing.assert_allclose(o_par, o_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_par, l_ref, rtol=1e-5)
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(m_par), jax.tree.leaves(m_ref)):
-    np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+  _close_leaves(m_par, m_ref)
   for name, gp, gr in zip(("q", "k", "v", "k_fade", "v_fade", "memory.context.k"), g_par, g_ref):
     np.testing.assert_allclose(gp, gr, atol=1e-5, rtol=1e-5, err_msg=name)
   np.testing.assert_array_equal(m_par.offset, [7 + t, t - 18])
 
 
-def _bmojo_memory(window, chunk, k_sel, m, seed=3):
+def _bmojo_memory(window, chunk, k_sel, m, seed=3, bound="fifo"):
   """A memory carried from a 7-token call (two documents in row 1), with candidates and store entries."""
-  mem = bo.init_memory(2, window=window, chunk_size=chunk, k_sel=k_sel, memory_size=m, kv_heads=2, head_dim=4)
+  mem = bo.init_memory(2, window=window, chunk_size=chunk, k_sel=k_sel, memory_size=m, kv_heads=2, head_dim=4,
+                       bound=bound)
   p = _bmojo_inputs(7, seed=seed)
   sc = jax.random.uniform(jax.random.key(seed), (2, 7)) if m else None
   _, mem = bo.bmojo_attention(p[0], p[1], p[2], p[3], p[4], mem, window=window, chunk_size=chunk, k_sel=k_sel,
-                              score=sc, segment_ids=jnp.asarray([[0] * 7, [0] * 3 + [5] * 4]))
+                              score=sc, segment_ids=jnp.asarray([[0] * 7, [0] * 3 + [5] * 4]), bound=bound)
   return mem
 
 
-@pytest.mark.parametrize("window,chunk,k_sel,m,bias", [(3, 6, 2, 4, True),
-                                                      pytest.param(2, 3, 1, 3, False, marks=pytest.mark.slow)])
-def test_bmojo_store_sequence_parallel_matches_unsharded(window, chunk, k_sel, m, bias):
-  # Given the full B'MOJO read with a FIFO store (chunks of C tokens straddle the 4-token shards; C = 6: the 5
-  # candidates span two shards), a carried memory with candidates and store entries, documents spanning shards,
-  # and (with selector_bias) gradients reaching the scores through the store logits
+@pytest.mark.parametrize("window,chunk,k_sel,m,bias,bound", [
+    (3, 6, 2, 4, True, "fifo"),
+    (2, 3, 2, 5, True, "top_m"),
+    pytest.param(2, 3, 1, 3, False, "fifo", marks=pytest.mark.slow),
+])
+def test_bmojo_store_sequence_parallel_matches_unsharded(window, chunk, k_sel, m, bias, bound):
+  # Given the full B'MOJO read with a store (FIFO: chunks of C tokens straddle the 4-token shards, with C = 6 the 5
+  # candidates span two shards; top_m: M = 5 best of 2 per chunk, so entries written on one shard are evicted on
+  # later ones), a carried memory with candidates and store entries, documents spanning shards, and (with
+  # selector_bias) gradients reaching the scores through the store logits
   t, b = 32, 2
   q, k, v, kf, vf, _ = _bmojo_inputs(t)
   score = jax.random.uniform(jax.random.key(5), (b, t))
+  if bound == "top_m":  # four score levels: ties between entries of different shards (the earlier one stays)
+    score = jnp.floor(score * 4) / 4
   seg = np.zeros((b, t), np.int32)
   # Row 1's carried store holds entries of documents 0 and 5; ids 0 and 5 come back as new documents, which must
   # not read them (documents are told apart by where they start).
@@ -246,10 +258,10 @@ def test_bmojo_store_sequence_parallel_matches_unsharded(window, chunk, k_sel, m
   seg[1, 9:] = 5
   seg[1, 16:] = 8
   seg = jnp.asarray(seg)
-  mem0 = _bmojo_memory(window, chunk, k_sel, m)
+  mem0 = _bmojo_memory(window, chunk, k_sel, m, bound=bound)
   assert int((mem0.store.positions >= 0).sum()) > 0
   sel = (jnp.asarray([0.5, 1.0, -0.3, 2.0]), jnp.asarray([0.2, 0.5, 0.1, 0.7])) if bias else None
-  kw = dict(window=window, segment_ids=seg, chunk_size=chunk, k_sel=k_sel, selector_bias=sel)
+  kw = dict(window=window, segment_ids=seg, chunk_size=chunk, k_sel=k_sel, selector_bias=sel, bound=bound)
   ref = lambda *a: bo.bmojo_attention(*a[:5], mem0, score=a[5], **kw)
   par = lambda *a: sp.bmojo_attention_sequence_parallel(*a[:5], mem0, score=a[5], axis_name="sequence", **kw)
   w_out = jax.random.normal(jax.random.key(9), q.shape)
@@ -262,23 +274,13 @@ def test_bmojo_store_sequence_parallel_matches_unsharded(window, chunk, k_sel, m
 
   (l_ref, (o_ref, m_ref)), g_ref = jax.jit(loss(ref))(q, k, v, kf, vf, score)
   with jax.set_mesh(_mesh((8,))):
-    # When each shard selects its chunks from an empty store, all_gathers them, folds the FIFO and reads
+    # When each shard selects its chunks from an empty store, all_gathers them, folds the store and reads
     (l_par, (o_par, m_par)), g_par = jax.jit(loss(par))(q, k, v, kf, vf, score)
   # Then outputs, the new memory (store, candidates, windows, offsets) and the gradients are the unsharded ones
   np.testing.assert_allclose(o_par, o_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_par, l_ref, rtol=1e-5)
-  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(m_par), jax.tree.leaves(m_ref)):
-    np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+  _close_leaves(m_par, m_ref)
   for name, gp, gr in zip(("q", "k", "v", "k_fade", "v_fade", "score"), g_par, g_ref):
     np.testing.assert_allclose(gp, gr, atol=1e-5, rtol=1e-5, err_msg=name)
   if bias:
     assert np.abs(np.asarray(g_ref[5])).max() > 0
-
-
-def test_bmojo_sequence_parallel_rejects_top_m():
-  q, k, v, kf, vf, _ = _bmojo_inputs(8)
-  mem = bo.init_memory(2, window=2, chunk_size=2, k_sel=1, memory_size=2, kv_heads=2, head_dim=4)
-  with jax.set_mesh(_mesh((8,))):
-    with pytest.raises(ValueError, match="bound='top_m': only the 'fifo' store"):
-      sp.bmojo_attention_sequence_parallel(q, k, v, kf, vf, mem, window=2, axis_name="sequence", chunk_size=2,
-                                           score=jnp.zeros((2, 8)), bound="top_m")
