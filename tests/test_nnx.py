@@ -35,12 +35,13 @@ def test_nnx_facade_matches_linen(name):
   factory, linen_cls = mnnx.PUBLIC_LAYERS[name]
   fields, args = CASES[name]
   module = factory(*args, rngs=nnx.Rngs(0), **fields)
-  out_nnx = module(*args)
+  out_nnx = nnx.jit(lambda m, a: m(*a))(module, args)
   variables = mnnx.linen_variables(module)
-  out_linen = linen_cls(**fields).apply(variables, *args)
+  out_linen = jax.jit(linen_cls(**fields).apply)(variables, *args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out_nnx, out_linen)
   # Same logical partition names as the linen module's own initialisation.
-  linen_specs = nn.get_partition_spec(linen_cls(**fields).init(jax.random.key(0), *args))["params"]
+  linen_specs = nn.get_partition_spec(jax.eval_shape(lambda: linen_cls(**fields).init(jax.random.key(0), *args)))
+  linen_specs = linen_specs["params"]
   nnx_names = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata().get("out_sharding"),
                                             nnx.state(module, nnx.Param),
                                             is_leaf=lambda v: isinstance(v, nnx.Variable)))

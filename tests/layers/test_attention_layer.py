@@ -22,7 +22,7 @@ VARIANTS = {
 def _setup(fields, t=13, d=16):
   layer = MultiHeadAttention(**fields)
   x = jax.random.normal(jax.random.key(0), (2, t, d))
-  params = layer.init(jax.random.key(1), x)
+  params = jax.jit(layer.init)(jax.random.key(1), x)
   return Jitted(layer), params, x
 
 

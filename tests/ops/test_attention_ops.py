@@ -102,6 +102,6 @@ def test_blockwise_equals_dense_forward_and_gradients(window):
                                           prefix_q=pq, block_size=16)
 
   # Then outputs and gradients agree
-  np.testing.assert_allclose(blocks(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-6)
-  loss = lambda f: jax.grad(lambda *z: jnp.sum(jnp.sin(f(*z))), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(jax.jit(blocks)(q, k, v), jax.jit(dense)(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: jax.jit(jax.grad(lambda *z: jnp.sum(jnp.sin(f(*z))), argnums=(0, 1, 2)))(q, k, v)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loss(blocks), loss(dense))

@@ -27,9 +27,11 @@ def test_config_validates_in_both_variants(name):
     validate.validate(module.get_config(arg))
 
 
-# The heaviest compiles whose model is already trained end to end by a sibling config (the text MAC by
-# configs.niah.titans_mac, MAG / MAL by their NIAH siblings' layer tests): run with ``-m slow``.
-_SLOW_RUNS = ("configs.text.titans_mac", "configs.niah.titans_mag", "configs.niah.titans_mal")
+# The heaviest compiles, run with ``-m slow``: the Titans blocks' LM streaming is tested in tests/models/test_lm.py
+# (MAC, MAL) and their layers in tests/layers/test_titans_*.py, a Titans memory trains through train.py in
+# configs.mqar.titans_lmm, and the NIAH task and its 4x-length eval in configs.niah.transformer_window.
+_SLOW_RUNS = ("configs.text.titans_mac", "configs.niah.titans_mac", "configs.niah.titans_mag",
+              "configs.niah.titans_mal")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_RUNS else n

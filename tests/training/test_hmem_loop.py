@@ -39,7 +39,7 @@ def _state_and_batch():
   tokens = jax.random.randint(jax.random.key(0), (4, 6), 0, 16)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "segment_ids": jnp.ones_like(tokens),
            "positions": jnp.broadcast_to(jnp.arange(6), (4, 6)), "route": jnp.array([[0, 1], [1, 5], [2, 9], [3, 12]])}
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens, route=model.dummy_route(4)))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens, route=model.dummy_route(4)))["params"]
   tx = optax.adam(1e-2)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.key(2))}

@@ -28,7 +28,7 @@ def test_gathered_head_gives_the_same_step():
   model = Model(vocab_size=V, variant=None, d_model=16, num_layers=1, num_heads=2, mixers=("sliding_window",),
                 window=4)
   batch = _batch(3)
-  params = model.init(jax.random.key(0), batch["inputs"])["params"]
+  params = jax.jit(model.init)(jax.random.key(0), batch["inputs"])["params"]
   tx = optax.sgd(0.1)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.key(0))}

@@ -32,7 +32,7 @@ def test_lm_passes_token_scores_to_the_store_full_equals_steps():
   assert 0 < model.flops_per_token(T) < novelty.flops_per_token(T)  # the cosines cost, the caller's scores do not
   assert model.reads_token_scores and not Model(vocab_size=V, variant=None, d_model=16, num_layers=1, num_heads=2,
                                                   mixers=("bmojo",), window=2).reads_token_scores
-  variables = model.init(jax.random.key(2), tokens, token_scores=scores)
+  variables = jax.jit(model.init)(jax.random.key(2), tokens, token_scores=scores)
   apply = jax.jit(model.apply)
   # When run whole and token by token with carried states
   logits, _ = apply(variables, tokens, token_scores=scores)
@@ -59,7 +59,7 @@ def test_train_step_reads_token_scores_from_the_batch_and_validate_names_the_opt
            "targets": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
            "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
            "token_scores": jnp.asarray(rng.random((B, T)), jnp.float32)}
-  params = model.init(jax.random.key(0), batch["inputs"], token_scores=batch["token_scores"])["params"]
+  params = jax.jit(model.init)(jax.random.key(0), batch["inputs"], token_scores=batch["token_scores"])["params"]
   tx = optax.sgd(0.1)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.key(0))}
