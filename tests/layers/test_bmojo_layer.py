@@ -152,14 +152,15 @@ def test_innovation_scores_are_checked():
   x = jnp.zeros((1, 4, 16))
   ext = BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, innovation="external", **SSM)
   with pytest.raises(ValueError, match="innovation_scores"):
-    ext.init(jax.random.key(0), x)
+    jax.eval_shape(lambda: ext.init(jax.random.key(0), x))
   with pytest.raises(ValueError, match=r"innovation_scores must be \[b=1, t=4\]"):
-    ext.init(jax.random.key(0), x, innovation_scores=jnp.zeros((1, 3)))
+    jax.eval_shape(lambda: ext.init(jax.random.key(0), x, innovation_scores=jnp.zeros((1, 3))))
   with pytest.raises(ValueError, match="innovation='external'"):
-    BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, **SSM).init(jax.random.key(0), x,
-                                                                     innovation_scores=jnp.zeros((1, 4)))
+    jax.eval_shape(lambda: BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, **SSM).init(
+        jax.random.key(0), x, innovation_scores=jnp.zeros((1, 4))))
   with pytest.raises(ValueError, match="innovation='external'"):
-    BMojoF(num_heads=2, window=2, **SSM).init(jax.random.key(0), x, innovation_scores=jnp.zeros((1, 4)))
+    jax.eval_shape(lambda: BMojoF(num_heads=2, window=2, **SSM).init(jax.random.key(0), x,
+                                                                     innovation_scores=jnp.zeros((1, 4))))
   with pytest.raises(ValueError, match="innovation="):
     BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, innovation="surprise", **SSM).init_state(1)
 
@@ -273,13 +274,14 @@ def test_store_stays_bounded_and_is_used():
 
 def test_bad_fields_raise_naming_the_field():
   x = jnp.zeros((1, 4, 16))
+  init = lambda layer: jax.eval_shape(lambda: layer.init(jax.random.key(0), x))  # raises while tracing
   with pytest.raises(ValueError, match="k_sel"):
-    BMojo(num_heads=2, window=2, k_sel=3, memory_size=6, **SSM).init(jax.random.key(0), x)
+    init(BMojo(num_heads=2, window=2, k_sel=3, memory_size=6, **SSM))
   with pytest.raises(ValueError, match="memory_size"):
-    BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, **SSM).init(jax.random.key(0), x)
-  BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, bound="top_m", **SSM).init(jax.random.key(0), x)  # no FIFO
+    init(BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, **SSM))
+  init(BMojo(num_heads=2, window=2, k_sel=2, memory_size=3, bound="top_m", **SSM))  # no FIFO
   with pytest.raises(ValueError, match="bound"):
-    BMojo(num_heads=2, window=2, bound="lru", **SSM).init(jax.random.key(0), x)
+    init(BMojo(num_heads=2, window=2, bound="lru", **SSM))
   with pytest.raises(ValueError, match="num_kv_heads"):
     BMojoF(num_heads=3, num_kv_heads=2, head_dim=4, window=2, **SSM).init_state(1)
   with pytest.raises(ValueError, match="window"):

@@ -53,7 +53,7 @@ def test_sharded_mamba2_matches_unsharded(shape, t, with_state):
   x = jax.random.normal(jax.random.key(0), (2, t, 8))
   seg = _segments(t, local)
   ref, par = _layer(), _layer(sequence_axis="sequence")
-  params = ref.init(jax.random.key(1), x, segment_ids=seg)["params"]
+  params = jax.jit(ref.init)(jax.random.key(1), x, segment_ids=seg)["params"]
   state = ref.init_state(2)
   if with_state:  # a state from a previous call ending in document 0 (row 0) / 5 (row 1: a reset at token 0)
     _, state = jax.jit(lambda p, u: ref.apply({"params": p}, u, segment_ids=jnp.asarray([[0] * 5, [5] * 5])))(

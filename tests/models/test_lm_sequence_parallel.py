@@ -25,7 +25,7 @@ def test_default_rules_split_mamba2_and_bmojo_over_a_sequence_axis():
   model = Model(**MODEL)
   tokens = jax.random.randint(jax.random.key(0), (B, T), 0, V)
   seg = jnp.asarray(np.array([[1] * T, [1] * 3 + [2] * 7 + [3] * 6]))
-  params = model.init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
 
   def loss(p):
     logits, _ = model.apply({"params": p}, tokens, segment_ids=seg)

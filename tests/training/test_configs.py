@@ -30,8 +30,11 @@ def test_config_validates_in_both_variants(name):
 # The heaviest compiles, run with ``-m slow``: the Titans blocks' LM streaming is tested in tests/models/test_lm.py
 # (MAC, MAL) and their layers in tests/layers/test_titans_*.py, a Titans memory trains through train.py in
 # configs.mqar.titans_lmm, and the NIAH task and its 4x-length eval in configs.niah.transformer_window.
+# Also run with ``-m slow``: configs whose model and task a default sibling already trains (B'MOJO-F is B'MOJO's
+# config without the store, dense2x the anchor at twice the depth, the ballet window transformer the NIAH one).
 _SLOW_RUNS = ("configs.text.titans_mac", "configs.niah.titans_mac", "configs.niah.titans_mag",
-              "configs.niah.titans_mal")
+              "configs.niah.titans_mal", "configs.mqar.bmojo_f", "configs.facts.dense2x",
+              "configs.ballet.transformer_window")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_RUNS else n
