@@ -10,6 +10,12 @@ import ml_collections as mlc
 from configs.mqar import transformer
 
 
+def subprocess_env() -> dict[str, str]:
+  """This environment less the 8-device flag (a subprocess picks its own devices); other XLA flags carry over."""
+  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+  return {**os.environ, "XLA_FLAGS": flags}
+
+
 def tiny_config(data_dir: str, **overrides: object) -> mlc.ConfigDict:
   """Returns the default MQAR config shrunk to a few seconds of compile and run on CPU.
 

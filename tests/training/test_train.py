@@ -105,7 +105,7 @@ def test_two_processes_match_one(data_dir, reference, tmp_path):
   # Given 2 processes x 4 CPU devices on localhost (gloo collectives) training the same config;
   port = _free_port()
   worker = os.path.join(os.path.dirname(__file__), "mp_worker.py")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = ht.subprocess_env()
   procs = [subprocess.Popen([sys.executable, worker, str(port), "2", str(i), data_dir, str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(2)]
@@ -137,7 +137,7 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(data_dir, tmp_path):
            "--config.input.num_train=256", "--config.input.num_test=32", f"--config.input.data_dir={data_dir}",
            "--config.model.vocab_size=128", "--config.model.d_model=32", "--config.model.max_len=128",
            "--config.log_every=1", "--config.eval_every=100000", "--config.ckpt_every=100000"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = ht.subprocess_env()
   proc = subprocess.Popen([sys.executable, "train.py", *flags, "--config.total_steps=100000"], cwd=root, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
