@@ -23,7 +23,7 @@ at absolute positions on both paths. :class:`BMojo` adds the eidetic store of sp
 
 The state is bounded whatever the sequence length: the Mamba-2 state (conv tail + SSM), the last ``W − 1``
 in-context and ``2W − 1`` fading keys / values, the ``C − 1`` candidates of the unfinished chunk, the ``M`` store
-entries and the last SSM output (B'MOJO). One call is the block-banded form; ``t == 1`` is the step form.
+entries and the last SSM output (B'MOJO; the unit keys of the memory's slots with key novelty). One call is the block-banded form; ``t == 1`` is the step form.
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ class BMojoState(NamedTuple):
     memory: window, fading and eidetic-store keys / values with their positions (:class:`BMojoMemory`).
     s_last: [b, d_model] SSM output of the last token, whose probe output predicts the next token (B'MOJO);
       [b, 0] for B'MOJO-F and the other innovation scores.
+    novelty: the unit pre-RoPE keys of the memory's slots (:class:`memarch.ops.bmojo.NoveltyKeys`), carried so that
+      a call un-rotates only its own keys (B'MOJO with ``innovation="key_novelty"``); [b, 0, 0] each otherwise.
   """
   ssm: Mamba2State
   memory: bmojo_ops.BMojoMemory
   s_last: Array
+  novelty: bmojo_ops.NoveltyKeys
 
 
 class BMojoF(nn.Module):
@@ -171,17 +174,23 @@ class BMojoF(nn.Module):
     memory = bmojo_ops.init_memory(batch_size, window=self.window, chunk_size=c, k_sel=k_sel, memory_size=m,
                                    kv_heads=kv, head_dim=e, dtype=sd, bound=self._bound())
     ssm = self._ssm(parent=None).init_state(batch_size, d_model)
-    return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if self._keeps_s_last() else 0), sd))
+    slots = lambda z: (batch_size, z.k.shape[1], kv * e) if self._keeps_novelty_keys() else (batch_size, 0, 0)
+    novelty = bmojo_ops.NoveltyKeys(*(jnp.zeros(slots(z), sd) for z in (memory.context, memory.candidates,
+                                                                         memory.store)))
+    return BMojoState(ssm, memory, jnp.zeros((batch_size, d_model if self._keeps_s_last() else 0), sd), novelty)
 
   def state_size(self, d_model: int | None = None) -> int:
     """Floats of state per sequence: the Mamba-2 state, ``(3W − 2) · 2 · kv_heads · head_dim`` window and fading
-    keys / values, and for B'MOJO ``(M + C − 1)`` store / candidate keys, values and scores plus ``d_model``."""
+    keys / values, and for B'MOJO ``(M + C − 1)`` store / candidate keys, values and scores plus ``d_model`` (the
+    SSM-residual innovation) or ``(W − 1 + C − 1 + M) · kv_heads · head_dim`` unit keys (key novelty)."""
     d_model = d_model or self.d_model
     _, kv, e = self.dims(d_model)
     c, _, m = self.store_config()
     n = self._ssm(parent=None).state_size(d_model) + (3 * self.window - 2) * 2 * kv * e
     if m:
       n += (m + c - 1) * (2 * kv * e + 1) + (d_model if self._keeps_s_last() else 0)
+    if self._keeps_novelty_keys():
+      n += (self.window - 1 + c - 1 + m) * kv * e
     return n
 
   # -- forward -------------------------------------------------------------------------------------------------
@@ -196,12 +205,12 @@ class BMojoF(nn.Module):
 
   def _innovation(self, x: Array, s: Array, k: Array, state: BMojoState, segment_ids: Array,
                   external: Array | None):
-    """Scores and the auxiliary loss; B'MOJO-F has neither."""
-    del x, s, k, state, segment_ids
+    """Scores, the auxiliary loss and the carried novelty keys; B'MOJO-F has no scores and no loss."""
+    del x, s, k, segment_ids
     if external is not None:
       raise ValueError(f"{type(self).__name__}: innovation_scores are only read by BMojo with "
                        "innovation='external'")
-    return None, None
+    return None, None, state.novelty
 
   def _selector_bias(self, num_heads: int):
     """``(γ, τ)`` of the store-logit bias (B'MOJO option); B'MOJO-F has no store."""
@@ -214,6 +223,10 @@ class BMojoF(nn.Module):
 
   def _keeps_s_last(self) -> bool:
     """Whether the state carries the last SSM output (the SSM-residual innovation predicts from it)."""
+    return False
+
+  def _keeps_novelty_keys(self) -> bool:
+    """Whether the state carries the unit keys of the memory's slots (the key-novelty innovation compares them)."""
     return False
 
   @nn.compact
@@ -260,7 +273,7 @@ class BMojoF(nn.Module):
     v_fade = jnp.einsum("btd,dhe->bthe", s_c, wvf)
     q_fade = None if wqf is None else self._rope(jnp.einsum("btd,dhe->bthe", x_c, wqf), positions)
 
-    score, aux_loss = self._innovation(x, s, k, state, seg, innovation_scores)
+    score, aux_loss, novelty = self._innovation(x, s, k, state, seg, innovation_scores)
     if sequence_axis is not None and t > 1:  # halos, offset prefix and the store band (spec §5.5)
       out, memory = sequence_parallel.bmojo_attention_sequence_parallel(
           q, k, v, k_fade, v_fade, state.memory, window=self.window, axis_name=sequence_axis,
@@ -277,7 +290,7 @@ class BMojoF(nn.Module):
     y = jnp.einsum("bthe,hed->btd", out.astype(wo.dtype), wo)
     sd = as_dtype(self.state_dtype)
     s_last = s[:, -1].astype(sd) if state.s_last.shape[-1] else state.s_last
-    return y.astype(dtype or x.dtype), BMojoState(ssm_state, memory, s_last)
+    return y.astype(dtype or x.dtype), BMojoState(ssm_state, memory, s_last, novelty)
 
 
 def _fixed_projection(d: int, d_e: int | None, seed: int) -> Array | None:
@@ -336,9 +349,13 @@ class BMojo(BMojoF):
   def _keeps_s_last(self) -> bool:
     return self.innovation == "ssm_residual"
 
+  def _keeps_novelty_keys(self) -> bool:
+    return self.innovation == "key_novelty"
+
   def _innovation(self, x: Array, s: Array, k: Array, state: BMojoState, segment_ids: Array,
                   external: Array | None):
-    """The scores the selection ranks and ``L_aux`` (spec §4.1; ``innovation`` picks the score).
+    """The scores the selection ranks, ``L_aux`` and the carried novelty keys (spec §4.1; ``innovation`` picks
+    the score).
 
     ``ssm_residual``: ``e_t = ‖sg(LN(x_t)) P_u − s_{t−1} P_s‖²`` (stop-gradient scores unless ``selector_bias``)
     and ``L_aux = aux_weight · mean_t e_t``. ``key_novelty``: :func:`memarch.ops.bmojo.key_novelty_score` of the
@@ -356,15 +373,15 @@ class BMojo(BMojoF):
         raise ValueError(f"BMojo: innovation_scores must be [b={b}, t={t}], got {list(external.shape)}")
       e = external.astype(jnp.float32)
       self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
-      return (e if self.selector_bias else jax.lax.stop_gradient(e)), None
+      return (e if self.selector_bias else jax.lax.stop_gradient(e)), None, state.novelty
     if self.innovation == "key_novelty":
       c, k_sel, _ = self.store_config()
-      e = bmojo_ops.key_novelty_score(
+      e, novelty = bmojo_ops.key_novelty_score(
           k, state.memory, window=self.window, chunk_size=c, k_sel=k_sel, segment_ids=segment_ids,
           bound=self.bound, rope_max_wavelength=self.rope_max_wavelength if self.use_rope else None,
-          query_block=self.query_block)
+          query_block=self.query_block, keys=state.novelty)
       self.sow("intermediates", "innovation", e)
-      return e, None
+      return e, None, novelty
     d_e = self.innovation_dim or d
     probe = self.param("innovation_probe", nn.with_logical_partitioning(
         variance_scaling(1.0, in_axis=0, out_axis=1), ("embed", None)), (d, d_e), as_dtype(self.param_dtype))
@@ -382,7 +399,7 @@ class BMojo(BMojoF):
     aux = self.aux_weight * jnp.mean(e) if self.aux_weight else None
     # For inspection only (``mutable=["intermediates"]``): the per-token innovation scores the selection ranks.
     self.sow("intermediates", "innovation", jax.lax.stop_gradient(e))
-    return (e if self.selector_bias else jax.lax.stop_gradient(e)), aux
+    return (e if self.selector_bias else jax.lax.stop_gradient(e)), aux, state.novelty
 
   def _bound(self) -> str:
     return self.bound

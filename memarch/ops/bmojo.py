@@ -331,6 +331,36 @@ def _unit_keys(k: Array, positions: Array, rope_max_wavelength: float | None) ->
   return k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, axis=-1, keepdims=True), 1e-12))
 
 
+class NoveltyKeys(NamedTuple):
+  """The unit keys :func:`key_novelty_score` compares, one per slot of a :class:`BMojoMemory`, batch-leading.
+
+  Each is the slot's key before RoPE, all kv heads concatenated and l2-normalised; an empty slot (position -1)
+  holds zeros. Carried next to the memory so that a call un-rotates only its own new keys: recomputing them from
+  the memory's keys costs a RoPE of all ``W − 1 + C − 1 + M`` slots per call, which dominates a decode step.
+
+  Attributes:
+    context: [b, W − 1, kv_heads · head_dim] of ``memory.context``.
+    candidates: [b, C − 1, kv_heads · head_dim] of ``memory.candidates``.
+    store: [b, M, kv_heads · head_dim] of ``memory.store``.
+  """
+  context: Array
+  candidates: Array
+  store: Array
+
+
+def novelty_keys(memory: BMojoMemory, rope_max_wavelength: float | None = None) -> NoveltyKeys:
+  """The :class:`NoveltyKeys` of ``memory``'s slots, un-rotated from its keys, in the memory's dtype.
+
+  Args:
+    memory: a memory with a store (its keys after RoPE when ``rope_max_wavelength`` is set).
+    rope_max_wavelength: RoPE base the keys were rotated with (None: not rotated).
+  """
+  def unit(z: WindowKV | StoreEntries) -> Array:
+    u = _unit_keys(z.k, z.positions, rope_max_wavelength)
+    return jnp.where((z.positions >= 0)[..., None], u, 0.0).astype(z.k.dtype)
+  return NoveltyKeys(unit(memory.context), unit(memory.candidates), unit(memory.store))
+
+
 def key_novelty_score(
     k: Float[Array, "b t k e"],
     memory: BMojoMemory,
@@ -342,7 +372,8 @@ def key_novelty_score(
     bound: str = "fifo",
     rope_max_wavelength: float | None = None,
     query_block: int | None = None,
-) -> Array:
+    keys: NoveltyKeys | None = None,
+) -> tuple[Array, NoveltyKeys]:
   """Innovation ``innovation="key_novelty"`` (spec §4.1 alternative, [ours]): ``e_t = 1 − max_j cos(k̄_t, k̄_j)``.
 
   ``k̄`` is a token's in-context key before RoPE (all kv heads concatenated; RoPE would make the cosine depend on
@@ -358,6 +389,10 @@ def key_novelty_score(
   matmul. It selects exactly as :func:`bmojo_attention` will (same blocks, same ``top_k`` ties), so passing the
   returned scores to it reproduces the store this scan tracked. No gradient flows into the scores.
 
+  The unit keys of the memory's slots come from ``keys`` (carried from the previous call) or, without it, are
+  un-rotated from ``memory``'s keys; the unit keys of the memory :func:`bmojo_attention` returns for these scores
+  come back with the scores, to be passed to the next call.
+
   Args:
     k: [b, t, kv_heads, head_dim] the call's in-context keys (after RoPE when ``rope_max_wavelength`` is set).
     memory: the memory before the call (must have a store).
@@ -368,9 +403,12 @@ def key_novelty_score(
     bound: ``"fifo"`` or ``"top_m"``, as in :func:`bmojo_attention`.
     rope_max_wavelength: RoPE base the keys were rotated with (None: not rotated).
     query_block: sub-block size of the window part (:func:`query_block_size`); a speed knob only.
+    keys: the :class:`NoveltyKeys` of ``memory`` returned by the previous call (None: :func:`novelty_keys` of
+      ``memory``).
 
   Returns:
-    float32 [b, t] scores in ``[0, 2]``.
+    ``(scores, new_keys)``: float32 [b, t] scores in ``[0, 2]`` and the :class:`NoveltyKeys` of the memory after
+    the call, in the dtype of ``keys`` (of the memory without it).
   """
   b, t, kh, e = k.shape
   m = memory.store.k.shape[1]
@@ -378,8 +416,13 @@ def key_novelty_score(
     raise ValueError("key_novelty_score: the memory has no store (memory_size = 0)")
   check_config(window, chunk_size, k_sel, m, bound)
   w, c = window, chunk_size
-  k = jax.lax.stop_gradient(k)
-  memory = jax.lax.stop_gradient(memory)
+  if keys is None:
+    keys = novelty_keys(memory, rope_max_wavelength)
+  want = NoveltyKeys(*((b, z.k.shape[1], kh * e) for z in (memory.context, memory.candidates, memory.store)))
+  if tuple(z.shape for z in keys) != tuple(want):
+    raise ValueError(f"key_novelty_score: keys (context, candidates, store) have shapes "
+                     f"{[list(z.shape) for z in keys]}, expected {[list(z) for z in want]} for this memory")
+  k, memory, keys = jax.lax.stop_gradient((k, memory, keys))
   segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   positions = memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   offsets, _ = document_offsets(segment_ids, memory.last_segment, memory.offset)
@@ -391,14 +434,15 @@ def key_novelty_score(
   tp = nb * bq
   pos_p = memory.length[:, None] + jnp.arange(tp, dtype=jnp.int32)[None]
   seg_p = _pad_time(docs, pad)
-  kn = _pad_time(unit(k, positions), pad)                                           # [b, tp, D]
+  k_unit = unit(k, positions)                                                        # [b, t, D]
+  kn = _pad_time(k_unit, pad)                                                        # [b, tp, D]
 
   # Window part: max cosine over [t − W + 1, t − 1] of the document, by sub-blocks of R queries (R + W − 1 keys).
   rq = query_block_size(bq, w, query_block)
   ns = tp // rq
   ctx = memory.context
   span = lambda z: _windows(z, ns, rq + w - 1, rq)
-  sk = span(_cat(unit(ctx.k, ctx.positions), kn))
+  sk = span(_cat(keys.context, kn))
   spos, sseg = span(_cat(ctx.positions, pos_p)), span(_cat(ctx.segment_ids, seg_p))
   qpos, qseg = pos_p.reshape(b, ns, rq, 1), seg_p.reshape(b, ns, rq, 1)
   cos = jnp.einsum("bnqd,bnsd->bnqs", kn.reshape(b, ns, rq, -1), sk)
@@ -410,8 +454,8 @@ def key_novelty_score(
   chunk_p = _pad_time(offsets // c, pad)
   ends = _pad_time((offsets + 1) % c == 0, pad, False)
   valid = _pad_time(jnp.ones((b, t), bool), pad, False)
-  entries = lambda z: StoreEntries(unit(z.k, z.positions), jnp.zeros((b, z.k.shape[1], 0), jnp.float32),
-                                   z.positions, z.segment_ids, z.chunk, z.score)
+  entries = lambda z, u: StoreEntries(u.astype(jnp.float32), jnp.zeros((b, z.k.shape[1], 0), jnp.float32),
+                                      z.positions, z.segment_ids, z.chunk, z.score)
   blocks = lambda z: jnp.moveaxis(z.reshape((b, nb, bq) + z.shape[2:]), 1, 0)
   xs = tuple(map(blocks, (kn, pos_p, seg_p, chunk_p, ends, valid, win_max)))
 
@@ -462,8 +506,16 @@ def key_novelty_score(
     cand = cand._replace(positions=jnp.where(_last(stream_valid, c - 1), cand.positions, -1))
     return (updated, cand), score
 
-  _, scores = jax.lax.scan(step, (entries(memory.store), entries(memory.candidates)), xs)
-  return jnp.moveaxis(scores, 0, 1).reshape(b, tp)[:, :t]
+  init = (entries(memory.store, keys.store), entries(memory.candidates, keys.candidates))
+  (store, _), scores = jax.lax.scan(step, init, xs)
+  # The memory after the call: the window and the candidates are the last W − 1 / C − 1 tokens of the stream (as
+  # bmojo_attention keeps them); the store is the one the scan tracked.
+  last = lambda old_u, old_pos, n: (_last(_cat(old_u, k_unit), n), _last(_cat(old_pos, positions), n))
+  kept = lambda u, pos: jnp.where((pos >= 0)[..., None], u, 0.0).astype(keys.store.dtype)
+  new_keys = NoveltyKeys(kept(*last(keys.context, ctx.positions, w - 1)),
+                         kept(*last(keys.candidates, memory.candidates.positions, c - 1)),
+                         kept(store.k, store.positions))
+  return jnp.moveaxis(scores, 0, 1).reshape(b, tp)[:, :t], new_keys
 
 
 def _empty_unless(entries: StoreEntries, ok: Array) -> StoreEntries:

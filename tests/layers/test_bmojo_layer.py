@@ -16,6 +16,7 @@ from memarch import sharding
 from memarch.layers.bmojo import BMojo, BMojoF, BMojoState
 from memarch.layers.mamba2 import Mamba2
 from memarch.ops import attention as attn_ops
+from memarch.ops import bmojo as bmojo_ops
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "ops"))
 from test_bmojo_ops import naive_bmojo, naive_key_novelty  # noqa: E402  (the independent per-token references)
@@ -143,6 +144,10 @@ def test_key_novelty_and_external_innovation_equal_reference_full_chunks_steps(n
   assert "innovation_probe" not in params["params"] and s_full.s_last.shape == (2, 0)
   floats = [a.size for a in jax.tree.leaves(layer.init_state(1)) if jnp.issubdtype(a.dtype, jnp.floating)]
   assert layer.state_size() == sum(floats)  # the float state (positions and ids are int32 metadata)
+  if layer.innovation == "key_novelty":  # the carried unit keys are the memory's, un-rotated slot for slot
+    _close(s_tok.novelty, bmojo_ops.novelty_keys(s_tok.memory, layer.rope_max_wavelength))
+  else:
+    assert all(z.shape == (2, 0, 0) for z in s_full.novelty)
   if scores is not None:  # the caller's scores decide what is stored
     _, s_rev = apply(params, x, segment_ids=SEG, innovation_scores=-scores)
     assert not np.array_equal(s_rev.memory.store.positions, s_full.memory.store.positions)

@@ -313,6 +313,9 @@ def test_bad_configs_raise_naming_the_field():
   with pytest.raises(ValueError, match="query_block"):
     bmojo.bmojo_attention(x, x, x, x, x, memory, window=2, score=jnp.zeros((1, 3)), chunk_size=2, k_sel=1,
                           query_block=0)
+  keys = bmojo.novelty_keys(memory)
+  with pytest.raises(ValueError, match=r"keys \(context, candidates, store\) have shapes .*\[1, 1, 2\]\], expected"):
+    bmojo.key_novelty_score(x, memory, window=2, chunk_size=2, k_sel=1, keys=keys._replace(store=keys.store[:, :1]))
 
 
 def _bias_run(cfg):
@@ -431,17 +434,22 @@ def _novelty_stream(cfg, bounds, inputs, seg=SEG):
   q, k_rot, v, kf, vf = inputs
 
   @jax.jit
-  def run(q, k, v, kf, vf, seg, memory):
-    score = bmojo.key_novelty_score(k, memory, window=cfg["window"], chunk_size=cfg["chunk"], k_sel=cfg["k_sel"],
-                                    segment_ids=seg, bound=cfg.get("bound", "fifo"), rope_max_wavelength=10_000.0)
+  def run(q, k, v, kf, vf, seg, memory, keys):
+    score, keys = bmojo.key_novelty_score(
+        k, memory, window=cfg["window"], chunk_size=cfg["chunk"], k_sel=cfg["k_sel"], segment_ids=seg,
+        bound=cfg.get("bound", "fifo"), rope_max_wavelength=10_000.0, keys=keys)
     out, memory = bmojo.bmojo_attention(q, k, v, kf, vf, memory, window=cfg["window"], segment_ids=seg, score=score,
                                         chunk_size=cfg["chunk"], k_sel=cfg["k_sel"], bound=cfg.get("bound", "fifo"))
-    return out, memory, score
+    return out, memory, score, keys
 
   memory, outs, scores = _memory(cfg), [], []
+  keys = bmojo.novelty_keys(memory)
   seg = jnp.asarray(seg)
   for lo, hi in bounds:
-    o, memory, s = run(*(z[:, lo:hi] for z in (q, k_rot, v, kf, vf, seg)), memory)
+    o, memory, s, keys = run(*(z[:, lo:hi] for z in (q, k_rot, v, kf, vf, seg)), memory, keys)
+    # The carried unit keys are those of the read's new memory, slot for slot (what the next call compares with)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), keys,
+                 bmojo.novelty_keys(memory, rope_max_wavelength=10_000.0))
     outs.append(o)
     scores.append(s)
   return jnp.concatenate(outs, 1), jnp.concatenate(scores, 1), memory
@@ -484,7 +492,7 @@ def test_key_novelty_repeated_key_scores_zero_and_is_causal():
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   fn = jax.jit(lambda kr: bmojo.key_novelty_score(
       attn_ops.rope(kr, pos), _memory(cfg), window=3, chunk_size=4, k_sel=2, segment_ids=jnp.asarray(SEG),
-      rope_max_wavelength=10_000.0))
+      rope_max_wavelength=10_000.0)[0])
   base = fn(kraw)
   np.testing.assert_allclose(base[0, 7], 0.0, atol=1e-6)
   for tau in (6, 13):
@@ -520,7 +528,7 @@ def test_key_novelty_stores_the_distinct_tokens_among_repeated_fillers():
   keys = jnp.asarray(keys)
   memory = bmojo.init_memory(1, window=3, chunk_size=c, k_sel=2, memory_size=12, kv_heads=KH, head_dim=E)
   # When scored by key novelty and written by the read (a FIFO of all 6 chunks)
-  score = bmojo.key_novelty_score(keys, memory, window=3, chunk_size=c, k_sel=2)
+  score, _ = bmojo.key_novelty_score(keys, memory, window=3, chunk_size=c, k_sel=2)
   _, mem = bmojo.bmojo_attention(jnp.zeros((1, t, H, E)), keys, keys, keys, keys, memory, window=3, score=score,
                                  chunk_size=c, k_sel=2)
   # Then a repeated filler scores 0 (it matches its window or the stored first filler), the document's first token 2
