@@ -23,7 +23,8 @@ at absolute positions on both paths. :class:`BMojo` adds the eidetic store of sp
 
 The state is bounded whatever the sequence length: the Mamba-2 state (conv tail + SSM), the last ``W − 1``
 in-context and ``2W − 1`` fading keys / values, the ``C − 1`` candidates of the unfinished chunk, the ``M`` store
-entries and the last SSM output (B'MOJO; the unit keys of the memory's slots with key novelty). One call is the block-banded form; ``t == 1`` is the step form.
+entries and the last SSM output (B'MOJO; with key novelty, the unit keys of the memory's slots instead). One call is
+the block-banded form; ``t == 1`` is the step form.
 """
 
 from __future__ import annotations

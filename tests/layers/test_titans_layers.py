@@ -18,8 +18,10 @@ T = 13  # not a multiple of the chunk (4) or of the MAC segment (8)
 SPLITS = [(0, 6), (6, 7), (7, T)]
 # Tiny memory: chunk 4 (so the pending buffer and the chunk phase are exercised), depth-2 MLP.
 MEMORY = dict(chunk_size=4, depth=2, expansion=2)
-# MAG and MAL reuse the LMM; their slower cases run with -m slow (the LM protocol test also covers them).
-_SLOW_HYBRIDS = [pytest.param(k, marks=pytest.mark.slow) for k in ("mac", "mag", "mal")]
+# MAG and MAL reuse the LMM; their slower cases run with -m slow (the LM protocol test also covers them). MAC,
+# the model whose memory read depends on the segment's attention output, runs in the default suite.
+_SLOW_HYBRIDS = [pytest.param(k, marks=pytest.mark.slow) for k in ("mag", "mal")]
+_SLOW_MAC = [pytest.param("mac", marks=pytest.mark.slow)]
 LAYERS = {
     "lmm": lambda **kw: titans.NeuralMemory(num_heads=2, d_model=16, **{**MEMORY, **kw}),
     "mag": lambda **kw: titans.TitansMAG(num_heads=2, d_model=16, window=3, num_persistent=2,
@@ -59,7 +61,7 @@ def _assert_close(a, b, atol=1e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=1e-5), a, b)
 
 
-@pytest.mark.parametrize("kind", ["lmm", "mag"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("mac", "mal")])
+@pytest.mark.parametrize("kind", ["lmm", "mag", "mac", pytest.param("mal", marks=pytest.mark.slow)])
 def test_full_equals_chunks_and_token_by_token(kind):
   # Given a layer and 13 tokens of one document (explicit ids: the calls share traces with the reset test)
   layer, apply, params, x = _setup(kind)
@@ -78,7 +80,7 @@ def test_full_equals_chunks_and_token_by_token(kind):
   assert float(jnp.abs(_memory_state(kind, s_full).weights["w_0"] - nn.meta.unbox(w0)[None]).max()) > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["lmm"] + _SLOW_HYBRIDS)
+@pytest.mark.parametrize("kind", ["lmm", "mac"] + _SLOW_HYBRIDS)
 def test_gradients_full_equal_chunked_with_state(kind):
   layer, _, params, x = _setup(kind)
   mem_of = functools.partial(_memory_state, kind)
@@ -101,7 +103,7 @@ def test_gradients_full_equal_chunked_with_state(kind):
     assert any(k.endswith(suffix) and np.abs(v).max() > 0 for k, v in flat.items()), suffix
 
 
-@pytest.mark.parametrize("kind", ["lmm"] + _SLOW_HYBRIDS)
+@pytest.mark.parametrize("kind", ["lmm", "mac"] + _SLOW_HYBRIDS)
 def test_causality(kind):
   # The Jacobian of output t with respect to inputs after t is zero, and not zero at t itself.
   _, apply, params, x = _setup(kind)
@@ -111,7 +113,7 @@ def test_causality(kind):
     assert np.abs(np.asarray(jac[t, :, 0, t])).max() > 0
 
 
-@pytest.mark.parametrize("kind", ["lmm"] + _SLOW_HYBRIDS)
+@pytest.mark.parametrize("kind", ["lmm"] + _SLOW_MAC + _SLOW_HYBRIDS)
 def test_documents_are_isolated_and_resets_survive_call_boundaries(kind):
   # Given two packed documents, the second starting at position 4 (a chunk multiple)
   layer, apply, params, x = _setup(kind)

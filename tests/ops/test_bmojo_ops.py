@@ -174,7 +174,6 @@ def test_naive_equals_block_banded_and_streaming(name, untied, query_block, stor
     assert any(len(s) for row in ref_reads for s in row)
 
 
-@pytest.mark.slow  # compiles the gradient of the unrolled per-token reference
 @pytest.mark.parametrize("name", ["bmojo", "top_m"])
 def test_gradients_naive_equal_block_banded(name):
   cfg = CFGS[name]
@@ -360,7 +359,6 @@ def test_selector_bias_equals_reference_full_and_token_by_token():
                           k_sel=cfg["k_sel"], selector_bias=(gamma[:1], tau))
 
 
-@pytest.mark.slow  # compiles the gradient of the unrolled per-token reference
 def test_selector_bias_gradients_reach_scores_gamma_and_tau():
   cfg = CFGS["bmojo"]
   q, k, v, kf, vf, _, score = _inputs()

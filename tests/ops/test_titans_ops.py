@@ -282,7 +282,6 @@ def test_document_start_in_pending_chunk_survives_uneven_calls():
     assert after.window_phase.tolist() == [0, 0]
 
 
-@pytest.mark.slow  # compiles the backward pass of six streaming calls (minutes on a loaded 2-core CPU)
 def test_document_start_in_pending_chunk_gradients():
   # Given the stream above, fed whole and in uneven calls (one ending with the start at 12 pending, one with the
   # start at 20 pending), with a deep memory whose LayerNorm wrapper also gets gradients.
