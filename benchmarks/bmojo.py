@@ -6,7 +6,8 @@ python benchmarks/bmojo.py --lengths 2048,8192,32768 --plot bmojo.png
 python benchmarks/bmojo.py --lengths 32768 --models bmojo_f,mamba2 --repeats 1   # no quadratic attention
 
 Each row times one layer (d_model, heads, window W, store M) on [batch, T, d] inputs: forward + backward of
-``sum(y²)`` for training, one ``t == 1`` step from the state after a prefill of T tokens for decoding. Full
+``sum(y²)`` for training, one ``t == 1`` step from the state after a prefill of T tokens for decoding (the layers'
+steps timed in turn, median of ``20 · repeats`` rounds). Full
 attention's decode reads a KV cache of T tokens, so its time per token grows with T; B'MOJO's state is bounded, so
 its time per token should stay flat.
 """
@@ -34,6 +35,23 @@ def _time(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return sorted(times)[len(times) // 2]
+
+
+def _time_interleaved(calls: dict, *, repeats: int) -> dict:
+  """Median wall time in seconds of each ``fn(*args)`` in ``calls`` (name -> (fn, args)), timed in turn.
+
+  Each round runs every call once, so a change of machine load hits all of them alike (decode steps take
+  milliseconds, where a noisy machine's drift is as large as the differences being measured).
+  """
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state: int):
@@ -80,6 +98,7 @@ def main() -> None:
   for t in lengths:
     layers = _layers(d, args.heads, args.window, args.memory, t + 1, args.d_state)
     x = jax.random.normal(jax.random.key(0), (b, t, d))
+    steps = {}
     for name, layer in layers.items():
       if name not in names:
         continue
@@ -87,8 +106,9 @@ def main() -> None:
       step = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(layer.apply(p, x)[0] ** 2)))
       train[name, t] = b * t / _time(step, params, x, repeats=args.repeats)
       _, state = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s))(params, x, layer.init_state(b))
-      one = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s))
-      decode[name, t] = _time(one, params, x[:, :1], state, repeats=max(args.repeats, 5)) * 1e3
+      steps[name] = (jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s)), (params, x[:, :1], state))
+    for name, seconds in _time_interleaved(steps, repeats=max(20 * args.repeats, 20)).items():
+      decode[name, t] = seconds * 1e3
 
   nan = float("nan")
   ratio = lambda table, a, b, t: table[a, t] / table[b, t] if (a, t) in table and (b, t) in table else nan
