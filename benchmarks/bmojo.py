@@ -24,6 +24,7 @@ from memarch.layers.attention import MultiHeadAttention
 from memarch.layers.bmojo import BMojo, BMojoF
 from memarch.layers.mamba2 import Mamba2
 from memarch.ops import ssd as ssd_ops
+from timing import time_all  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -35,23 +36,6 @@ def _time(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return sorted(times)[len(times) // 2]
-
-
-def _time_interleaved(calls: dict, *, repeats: int) -> dict:
-  """Median wall time in seconds of each ``fn(*args)`` in ``calls`` (name -> (fn, args)), timed in turn.
-
-  Each round runs every call once, so a change of machine load hits all of them alike (decode steps take
-  milliseconds, where a noisy machine's drift is as large as the differences being measured).
-  """
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, (fn, args) in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t0)
-  return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state: int):
@@ -107,8 +91,8 @@ def main() -> None:
       train[name, t] = b * t / _time(step, params, x, repeats=args.repeats)
       _, state = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s))(params, x, layer.init_state(b))
       steps[name] = (jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s)), (params, x[:, :1], state))
-    for name, seconds in _time_interleaved(steps, repeats=max(20 * args.repeats, 20)).items():
-      decode[name, t] = seconds * 1e3
+    for name, (median, _, _) in time_all(steps, repeats=max(20 * args.repeats, 20), budget_s=60.0).items():
+      decode[name, t] = median * 1e3
 
   nan = float("nan")
   ratio = lambda table, a, b, t: table[a, t] / table[b, t] if (a, t) in table and (b, t) in table else nan

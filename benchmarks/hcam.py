@@ -30,8 +30,6 @@ gradients), so the comparison is between two computations of the same function.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -42,6 +40,7 @@ from absl import app, flags
 from memarch.ops import attention as attn_ops
 from memarch.ops import hcam as hcam_ops
 from memarch.ops.hcam import HCAMParams, HCAMPath
+from timing import time_all  # benchmarks/timing.py (the script's folder is on sys.path)
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes (seconds on CPU); the targets are then only indicative.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a plot of time against memory length to this PNG path.")
@@ -129,39 +128,6 @@ def _fwd_bwd(read: Callable) -> Callable:
   def loss(params, x, contents, mask, cot):
     return jnp.sum(read(params, x, contents, mask) * cot)
   return jax.grad(loss, argnums=(0, 1))
-
-
-def time_all(calls: dict[str, tuple[Callable, tuple]], *, repeats: int, budget_s: float) -> dict[str, tuple]:
-  """Times jitted calls, interleaved so that load changes on a shared machine hit every variant alike.
-
-  Each call is compiled (its first call) and warmed up (a second call); then ``repeats`` rounds call every variant
-  once, in order, each ended by ``jax.block_until_ready``. Fewer rounds (at least 3) are run when ``repeats``
-  rounds would take longer than ``budget_s`` by the warm-up times.
-
-  Args:
-    calls: name -> (jitted function, arguments).
-    repeats: timed rounds.
-    budget_s: seconds the timed rounds should take at most (soft).
-
-  Returns:
-    name -> (median s, min s, compile + first call s).
-  """
-  first, warm = {}, {}
-  for name, (fn, args) in calls.items():
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    warm[name] = time.perf_counter() - t0
-  rounds = max(3, min(repeats, int(budget_s / max(sum(warm.values()), 1e-9))))
-  ts = {name: [] for name in calls}
-  for _ in range(rounds):
-    for name, (fn, args) in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts[name].append(time.perf_counter() - t0)
-  return {n: (statistics.median(ts[n]), min(ts[n]), first[n]) for n in calls}
 
 
 def _data(key, b, q, m, c, d, k):
