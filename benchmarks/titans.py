@@ -35,7 +35,8 @@ sides interleaved call by call so that machine noise hits both alike; the first 
   memory in both layers with chunk 144 and its default b = T). memarch: ``lm`` with mixers ("titans_mac",) * 2,
   d_model 256, 4 heads of 64 (attention and memory), 4 persistent tokens, segment 128, memory chunk 64 (b = 128).
 * **Decode**: memarch's step form (T == 1) after a prefill of T = 1K, 8K, 32K tokens, timed as one jitted
-  `lax.scan` of `--decode_steps` step calls; the time per token must not grow with T (the state is fixed-size).
+  `lax.scan` of `--decode_steps` step calls, the scans from the three prefilled states in turn (median of the
+  rounds); the time per token must not grow with T (the state is fixed-size).
 
 Model FLOPs (spec §3.6) per token and head for the MLP memory: 8 |W| (store forward 2 |W|, inner backward 4 |W|,
 retrieval 2 |W|), plus the q/k/v/output (and gate) projections; a training step counts 3x the forward. MFU is these
@@ -61,6 +62,7 @@ from absl import app, flags
 from memarch.layers.titans import NeuralMemory
 from memarch.models import get_model
 from memarch.training import metrics
+from timing import time_all  # benchmarks/timing.py (the script's folder is on sys.path)
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes (B=2, T=256, d=64; decode at 256/1K/2K) for a smoke run.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a bar chart of tok/s and the decode curve to this PNG.")
@@ -322,8 +324,11 @@ def ours_mac(s: Shapes) -> tuple[Callable[[], object], float]:
 def decode_times(s: Shapes, n_steps: int, reps: int) -> list[tuple[int, float, float]]:
   """memarch NeuralMemory (defaults, 4 heads) step-form time per token after prefills of `s.decode_lens`.
 
+  The prefills run first; then the decode scans from every prefilled state are timed in turn (`time_all`), so
+  that load changes on a shared machine hit every T alike.
+
   Returns:
-    [(T, prefill s (compiled before), best ms per decoded token over `reps` scans)].
+    [(T, prefill s (compiled before), median ms per decoded token over at least `reps` rounds)].
   """
   layer = NeuralMemory(num_heads=4, head_dim=s.d_model // 4, chunk_size=s.chunk)
   params = layer.init(jax.random.key(0), jnp.zeros((s.batch, s.chunk, s.d_model)))
@@ -338,17 +343,16 @@ def decode_times(s: Shapes, n_steps: int, reps: int) -> list[tuple[int, float, f
     return ys, state
 
   xs = jax.random.normal(jax.random.key(2), (n_steps, s.batch, 1, s.d_model))
-  out = []
+  prefill_s, calls = {}, {}
   for length in s.decode_lens:
     x = jax.random.normal(jax.random.key(1), (s.batch, length, s.d_model))
     compiled = prefill.lower(params, x).compile()
     t0 = time.perf_counter()
     state = jax.block_until_ready(compiled(params, x))
-    prefill_s = time.perf_counter() - t0
-    jax.block_until_ready(decode(params, state, xs))  # compile (same shapes for every T) and warm up
-    best = min(_timed(lambda: jax.block_until_ready(decode(params, state, xs))) for _ in range(reps))
-    out.append((length, prefill_s, 1e3 * best / n_steps))
-  return out
+    prefill_s[length] = time.perf_counter() - t0
+    calls[length] = (decode, (params, state, xs))  # the same shapes for every T: one compilation
+  times = time_all(calls, repeats=max(4 * reps, 12), budget_s=30.0)
+  return [(length, prefill_s[length], 1e3 * times[length][0] / n_steps) for length in s.decode_lens]
 
 
 # ---------------------------------------------------------------------------------------------------------------
