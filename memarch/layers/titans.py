@@ -487,7 +487,7 @@ class NeuralMemory(nn.Module):
 
     def run(_):
       start = titans_ops.init_state(params, 1, config, dtype=sd)
-      _, after = titans_ops.lmm_chunked(*padded, start, params=params, config=config, mask=mask)
+      _, after = titans_ops.lmm_chunked(*padded, start, params=params, config=config, mask=mask, aligned=True)
       return jax.tree.map(lambda a: a[0], (after.weights, after.momentum))
 
     def skip(_):
@@ -932,6 +932,8 @@ class TitansMAC(nn.Module):
       ``(out, new_state)`` with out [b, t, d].
     """
     b, t, d = x.shape
+    known = None if state is None else titans_ops.concrete_value(state.n_pending)
+    no_pending = state is None or (known is not None and not known.any())
     if state is None:
       state = self.init_state(b, d)
     memory = self.memory
@@ -955,8 +957,9 @@ class TitansMAC(nn.Module):
       persistent = self.persistent(d)
       prefix_k, prefix_v = self.attn_k(persistent.astype(dtype)), self.attn_v(persistent.astype(dtype))
 
-    # Lay the call's tokens into chunk slots after the n_pend pending ones (same layout as the op).
-    n_chunks = -(-(c - 1 + t) // c)
+    # Lay the call's tokens into chunk slots after the n_pend pending ones (same layout as the op); a call known to
+    # start on a chunk boundary (a fresh state, as in training) needs no slots for them.
+    n_chunks = -(-((0 if no_pending else c - 1) + t) // c)
     n_slots = n_chunks * c
 
     def place(a):
@@ -1024,7 +1027,7 @@ class TitansMAC(nn.Module):
       # Eq. 24: write the chunk's attention outputs from the last chunk boundary; eq. 25: read back.
       (q2, k2, v2, th, et, al), y_conv_new = memory.project(y_c.astype(dtype), None, y_conv)
       r, mem_new = titans_ops.lmm_chunked(*(a.astype(sd) for a in (q2, k2, v2, th, et, al)), mem,
-                                          params=params, config=config, mask=live)
+                                          params=params, config=config, mask=live, aligned=True)
       z = memory.read_out(r.astype(dtype), y_c.astype(dtype))
       yn, zn = self.norm_y(y_c), self.norm_z(z)
       o = yn * jax.nn.sigmoid(zn) if self.gate == "sigmoid_z" else jax.nn.sigmoid(yn * zn)

@@ -420,7 +420,8 @@ def _reset_flags(segment_ids: Array | None, last_segment: Array, batch: int, len
   return segment_ids != prev
 
 
-def _concrete(x: Any) -> np.ndarray | None:
+def concrete_value(x: Any) -> np.ndarray | None:
+  """``x`` as a NumPy array when it is concrete (not traced), else None."""
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -429,7 +430,7 @@ def _concrete(x: Any) -> np.ndarray | None:
 
 def _check_reset_alignment(resets: Array, n_pending: Array, chunk_size: int) -> None:
   """Raises if a document starts inside a chunk (only checked when the inputs are concrete)."""
-  resets, n_pending = _concrete(resets), _concrete(n_pending)
+  resets, n_pending = concrete_value(resets), concrete_value(n_pending)
   if resets is None or n_pending is None or chunk_size == 1:
     return
   pos = np.arange(resets.shape[1])[None, :] + n_pending[:, None]
@@ -491,7 +492,7 @@ def lmm_reference(
   out_dtype = q.dtype
   c, b = config.chunk_size, config.ttt_batch_size
   dtype = state.momentum["w_0"].dtype
-  npend = _concrete(state.n_pending)
+  npend = concrete_value(state.n_pending)
   if npend is not None and npend.any():
     raise ValueError("lmm_reference needs a state without pending tokens.")
   resets = _reset_flags(segment_ids, state.last_segment, batch, length)
@@ -693,6 +694,7 @@ def lmm_chunked(
     config: LMMConfig,
     mask: Array | None = None,
     return_aux: bool = False,
+    aligned: bool = False,
 ) -> tuple[Array, MemoryState] | tuple[Array, MemoryState, dict[str, Array]]:
   """Chunked parallel LMM (spec §3, eqs. 16-18) with streaming state (spec §4).
 
@@ -723,6 +725,9 @@ def lmm_chunked(
     config: The LMM configuration.
     mask: Optional [B, T] validity mask; a masked token is an identity step and its output is 0.
     return_aux: Also return per-chunk diagnostics (spec §9).
+    aligned: `state` is known to hold no pending tokens (a caller that always feeds whole chunks, as MAC does).
+      The call's buffer then has no slots for them: a call of c tokens runs one chunk instead of two. Checked
+      when `state.n_pending` is concrete; under `jit` a state with pending tokens gives wrong results.
 
   Returns:
     y: [B, T, H, d] retrievals, in the dtype of q.
@@ -748,12 +753,20 @@ def lmm_chunked(
   reset_s = _reset_momentum(params, dtype)
   has_resets = segment_ids is not None
   shifted = config.retrieve_offset == 1 and not has_resets
-  n_chunks = -(-(p + length) // c)
+  if aligned:
+    pending = concrete_value(state.n_pending)
+    if pending is not None and pending.any():
+      raise ValueError(f"lmm_chunked(aligned=True): the state holds pending tokens (n_pending={pending.tolist()})")
+  n_chunks = -(-((0 if aligned else p) + length) // c)
   buf_len = n_chunks * c
 
   def one_sequence(q, k, v, gates, msk, rst, m0, s0, ref0, pk, pv, pg, pm, n_pend, phase0):
     # Buffer of buf_len + p slots: pending tokens first, then the call's tokens from slot n_pend; the extra p
     # slots let the next pending buffer be sliced out without clamping.
+    if aligned:
+      pk = pv = pg = pm = None
+      n_pend = jnp.zeros((), jnp.int32)
+
     def place(pending, new):
       buf = jnp.zeros((buf_len + p,) + new.shape[1:], new.dtype)
       if pending is not None:

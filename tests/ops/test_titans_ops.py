@@ -245,6 +245,35 @@ def test_streaming_chunk_by_chunk_equals_full():
   assert int(st_full.n_pending[0]) == length % 8
 
 
+def test_aligned_calls_equal_general_calls():
+  # Given c = 4, b = 8, a mask and a document start at 8: calls of 8, 4 and 5 tokens from a fresh state (each
+  # earlier call ends on a chunk boundary, so no call starts with pending tokens)
+  config = titans.LMMConfig(depth=2, expansion=2, chunk_size=4, ttt_batch_size=8)
+  length = 17
+  inp = _inputs(40, 2, length, 2, 4, theta_max=0.3)
+  params = _params(41, 2, 4, config)
+  seg = jnp.where(jnp.arange(length) < 8, 1, 2)[None].repeat(2, axis=0)
+  mask = jnp.ones((2, length)).at[1, 5].set(0.0)
+  kw = dict(segment_ids=seg, mask=mask)
+  # When each call runs with aligned=True (no buffer slots for pending tokens) and with the general layout
+  outs = {}
+  for aligned in (False, True):
+    state, ys = titans.init_state(params, 2, config), []
+    for lo, hi in ((0, 8), (8, 12), (12, length)):
+      piece = {n: x[:, lo:hi] for n, x in kw.items()}
+      y, state = _call(functools.partial(titans.lmm_chunked, aligned=aligned), _slice(inp, lo, hi), state, params,
+                       config, **piece)
+      ys.append(y)
+    outs[aligned] = (jnp.concatenate(ys, axis=1), state)
+  # Then outputs and states agree, the last call leaving one token pending
+  _assert_tree_close(outs[True], outs[False], 1e-6)
+  assert int(outs[True][1].n_pending[0]) == 1
+  # And a concrete state with pending tokens is refused
+  with pytest.raises(ValueError, match="aligned=True.*n_pending"):
+    titans.lmm_chunked(*(_slice(inp, 0, 4)[n] for n in _FIELDS), outs[True][1], params=params, config=config,
+                       aligned=True)
+
+
 def _pending_start_case(depth):
   """c = 4, b = 8, documents starting at 12 (mid-window) and 20 of a 22-token stream."""
   config = titans.LMMConfig(depth=depth, expansion=2, chunk_size=4, ttt_batch_size=8)
