@@ -516,7 +516,7 @@ class NeuralMemory(nn.Module):
     return self.o(o.astype(dtype), d)
 
   def memorize(self, q: Array, k: Array, v: Array, gates: tuple[Array, Array, Array], params, state, starts,
-               segment_ids, *, return_aux: bool = False):
+               segment_ids, *, return_aux: bool = False, aligned: bool = False):
     """Runs the test-time update (`lmm_chunked`, or `lmm_step` for one token) from ``state``.
 
     Args:
@@ -529,6 +529,8 @@ class NeuralMemory(nn.Module):
       starts: [b, t] bool document starts (unused: the op handles them; kept for callers).
       segment_ids: [b, t] document ids or None.
       return_aux: also return the per-chunk diagnostics of `lmm_chunked`.
+      aligned: ``state`` is known to hold no pending tokens (a fresh state), so `lmm_chunked` leaves out their
+        buffer slots (one chunk fewer to compute; `lmm_chunked`'s ``aligned``).
 
     Returns:
       ``(y, memory_state, restart[, aux])`` with the retrievals y [b, t, H, e] (float32).
@@ -551,7 +553,8 @@ class NeuralMemory(nn.Module):
       y, new_mem = titans_ops.lmm_step(*args, mem, segment_ids, params=params, config=config)
       aux = None
     else:
-      out = titans_ops.lmm_chunked(*args, mem, segment_ids, params=params, config=config, return_aux=return_aux)
+      out = titans_ops.lmm_chunked(*args, mem, segment_ids, params=params, config=config, return_aux=return_aux,
+                                   aligned=aligned)
       y, new_mem, aux = out if return_aux else out + (None,)
     # A document start in the pending chunk already reset the returned state (the op applies it at the chunk's
     # first slot, complete or not), so nothing is left to restart.
@@ -577,7 +580,8 @@ class NeuralMemory(nn.Module):
       applied in this call) and the mean gates "theta", "eta", "alpha" [b, H].
     """
     b, t, d = x.shape
-    if state is None:
+    fresh = state is None
+    if fresh:
       state = self.init_state(b, d)
     params = self.memory()
     starts = _document_starts(segment_ids, state.memory.last_segment, b, t)
@@ -587,7 +591,8 @@ class NeuralMemory(nn.Module):
         raise ValueError(f"NeuralMemory: prefix must be [N_p, {d}], got shape {prefix.shape}")
       params, conv_prefix = self.absorb(prefix, params, needed=jnp.any(state.restart) | jnp.any(starts))
     (q, k, v, theta, eta, alpha), conv_state = self.project(x, segment_ids, state.conv, conv_prefix)
-    out = self.memorize(q, k, v, (theta, eta, alpha), params, state, starts, segment_ids, return_aux=return_aux)
+    out = self.memorize(q, k, v, (theta, eta, alpha), params, state, starts, segment_ids, return_aux=return_aux,
+                        aligned=fresh)
     y, mem, restart = out[:3]
     result = self.read_out(y, x).astype(as_dtype(self.dtype) or x.dtype)
     new_state = NeuralMemoryState(conv_state, mem, restart)
@@ -721,11 +726,12 @@ class TitansMAG(_TitansHybrid):
       ``(out, new_state)`` with out [b, t, d].
     """
     b, t, d = x.shape
-    if state is None:
+    fresh = state is None  # a fresh memory state holds no pending tokens (NeuralMemory skips their slots)
+    if fresh:
       state = self.init_state(b, d)
     p_attn, p_mem = self._persistent(d, as_dtype(self.dtype) or x.dtype)
     y, attn_state = self.attention(x, segment_ids=segment_ids, state=state.attention, persistent=p_attn)
-    z, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory, prefix=p_mem)
+    z, mem_state = self.memory(x, segment_ids=segment_ids, state=None if fresh else state.memory, prefix=p_mem)
     yn, zn = self.norm_y(y), self.norm_z(z)
     o = yn * jax.nn.sigmoid(zn) if self.gate == "sigmoid_z" else jax.nn.sigmoid(yn * zn)
     out = self.out(o.astype(as_dtype(self.dtype) or x.dtype))
@@ -761,10 +767,11 @@ class TitansMAL(_TitansHybrid):
       ``(out, new_state)`` with out [b, t, d].
     """
     b, t, d = x.shape
-    if state is None:
+    fresh = state is None  # a fresh memory state holds no pending tokens (NeuralMemory skips their slots)
+    if fresh:
       state = self.init_state(b, d)
     p_attn, p_mem = self._persistent(d, as_dtype(self.dtype) or x.dtype)
-    m, mem_state = self.memory(x, segment_ids=segment_ids, state=state.memory, prefix=p_mem)
+    m, mem_state = self.memory(x, segment_ids=segment_ids, state=None if fresh else state.memory, prefix=p_mem)
     a, attn_state = self.attention(self.norm(x + m), segment_ids=segment_ids, state=state.attention,
                                    persistent=p_attn)
     out = (m + a).astype(as_dtype(self.dtype) or x.dtype)
