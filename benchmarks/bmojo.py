@@ -6,8 +6,9 @@ python benchmarks/bmojo.py --lengths 2048,8192,32768 --plot bmojo.png
 python benchmarks/bmojo.py --lengths 32768 --models bmojo_f,mamba2 --repeats 1   # no quadratic attention
 
 Each row times one layer (d_model, heads, window W, store M) on [batch, T, d] inputs: forward + backward of
-``sum(y²)`` for training, one ``t == 1`` step from the state after a prefill of T tokens for decoding (the layers'
-steps timed in turn, median of ``20 · repeats`` rounds). Full
+``sum(y²)`` for training (the layers timed in turn, median of ``repeats`` rounds), one ``t == 1`` step from the
+state after a prefill of T tokens for decoding (in turn, median of ``20 · repeats`` rounds). Timing in turn
+(`benchmarks/timing.py`) lets load changes on a shared machine hit every layer alike, so the ratios hold. Full
 attention's decode reads a KV cache of T tokens, so its time per token grows with T; B'MOJO's state is bounded, so
 its time per token should stay flat.
 """
@@ -15,7 +16,6 @@ its time per token should stay flat.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +25,6 @@ from memarch.layers.bmojo import BMojo, BMojoF
 from memarch.layers.mamba2 import Mamba2
 from memarch.ops import ssd as ssd_ops
 from timing import time_all  # benchmarks/timing.py (the script's folder is on sys.path)
-
-
-def _time(fn, *args, repeats: int) -> float:
-  """Median wall time of ``fn(*args)`` in seconds (after one compile-and-run call)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
 
 
 def _layers(d: int, heads: int, window: int, memory: int, max_len: int, d_state: int):
@@ -82,15 +71,16 @@ def main() -> None:
   for t in lengths:
     layers = _layers(d, args.heads, args.window, args.memory, t + 1, args.d_state)
     x = jax.random.normal(jax.random.key(0), (b, t, d))
-    steps = {}
+    grads, steps = {}, {}
     for name, layer in layers.items():
       if name not in names:
         continue
       params = jax.jit(layer.init)(jax.random.key(1), x[:, :8])
-      step = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(layer.apply(p, x)[0] ** 2)))
-      train[name, t] = b * t / _time(step, params, x, repeats=args.repeats)
+      grads[name] = (jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(layer.apply(p, x)[0] ** 2))), (params, x))
       _, state = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s))(params, x, layer.init_state(b))
       steps[name] = (jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, state=s)), (params, x[:, :1], state))
+    for name, (median, _, _) in time_all(grads, repeats=args.repeats, budget_s=120.0).items():
+      train[name, t] = b * t / median
     for name, (median, _, _) in time_all(steps, repeats=max(20 * args.repeats, 20), budget_s=60.0).items():
       decode[name, t] = median * 1e3
 
@@ -116,10 +106,9 @@ def main() -> None:
     dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, 8))) * 0.1
     a = -jnp.linspace(1.0, 8.0, 8)
     bm, cm = (jax.random.normal(k, (b, t, 1, args.d_state)) for k in ks[2:])
-    res = {}
-    for kind in ("linear", "chunked"):
-      f = jax.jit(jax.grad(lambda xs, kind=kind: jnp.sum(ssd_ops.ssd(xs, dt, a, bm, cm, scan_type=kind)[0] ** 2)))
-      res[kind] = _time(f, xs, repeats=args.repeats) * 1e3
+    forms = {kind: (jax.jit(jax.grad(lambda xs, kind=kind: jnp.sum(
+        ssd_ops.ssd(xs, dt, a, bm, cm, scan_type=kind)[0] ** 2))), (xs,)) for kind in ("linear", "chunked")}
+    res = {kind: median * 1e3 for kind, (median, _, _) in time_all(forms, repeats=args.repeats, budget_s=60.0).items()}
     print(f"{t:7d} {res['linear']:10.1f} {res['chunked']:10.1f} {res['linear'] / res['chunked']:7.2f}")
 
   if args.plot:
