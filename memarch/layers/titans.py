@@ -285,7 +285,11 @@ class NeuralMemory(nn.Module):
     retrieve_offset: o of spec §2.3.
     inner_loss_scale: s of the inner loss (spec §2.6).
     max_grad_norm: soft clamp of each chunk's surprise norm (spec §9; None: off).
-    max_lr: theta_max (None: 1.0 for L_M = 1, else 0.1; spec §2.4).
+    max_lr: theta_max (None: 1.0 for L_M = 1, else 0.1; spec §2.4). theta = 1 is an exact overwrite only
+      without momentum and at c = 1: the momentum replays a key's step until the key comes back, and within a
+      chunk (all gradients at its start weights) the steps along a repeated key add up. On long streams with
+      recurring keys, theta_max = 1 diverges even at c = 1; use about 1 / c with the clamp `max_grad_norm`
+      (configs/niah).
     init_theta_bias: initial b_theta (theta = 0.12 theta_max at -2).
     init_eta_bias: initial b_eta (eta = 0.88 at 2).
     init_alpha_bias: initial b_alpha (alpha = 0.018 at -4).

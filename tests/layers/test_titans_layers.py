@@ -216,3 +216,26 @@ def test_decode_equals_full_forward_in_float64():
     y_tok, s_tok = _run(layer, apply, params, x, [(t, t + 1) for t in range(9)])
     np.testing.assert_allclose(y_tok, y_full, atol=1e-6)
     _assert_close(s_tok.memory.weights, s_full.memory.weights, atol=1e-6)
+
+
+def test_niah_memory_stays_bounded_on_a_repeating_stream():
+  # Given the S-NIAH configs' memory options and a stream that repeats every 16 tokens, as their haystack does
+  import configs.niah as niah_configs  # pylint: disable=g-import-not-at-top
+
+  options = dict(niah_configs.titans_memory(None))
+  period = jax.random.normal(jax.random.key(0), (1, 16, 32))
+  x = jnp.tile(period, (1, 64, 1))  # 1,024 tokens, the 4L evaluation length of the default config
+
+  def max_weight(**override):
+    layer = titans.NeuralMemory(num_heads=2, d_model=32, **{**options, **override})
+    params = layer.init(jax.random.key(1), x[:, :16])
+    _, state = jax.jit(layer.apply)(params, x)
+    return float(jnp.max(jnp.abs(state.memory.weights["w_0"])))
+
+  # Then theta_max = 1 / chunk keeps the linear memory bounded at the initial gates ...
+  assert max_weight() < 10.0
+  # ... the surprise clamp keeps it finite and bounded when theta and eta sit at their maxima ...
+  assert max_weight(init_theta_bias=8.0, init_eta_bias=8.0) < 1e4
+  # ... while theta_max = 1 without the clamp (the configs before an H100 run read NaN at 4L) blows up once
+  # theta reaches 0.5 (sigmoid(0)), a value training can reach
+  assert not max_weight(max_lr=1.0, max_grad_norm=None, init_theta_bias=0.0) < 1e6  # NaN or huge
