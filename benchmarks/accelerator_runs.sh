@@ -1,0 +1,92 @@
+#!/bin/bash
+# The checks and quality runs that need an accelerator, in one call sized for a short lease of one GPU.
+#
+#   bash benchmarks/accelerator_runs.sh                    # logs and metrics in $LOGS (default /tmp/memarch_runs)
+#   SMOKE=1 bash benchmarks/accelerator_runs.sh            # every job at toy size, to check the script on a CPU
+#   WHEELS=.whl bash benchmarks/accelerator_runs.sh        # first install the wheels in .whl (no package index)
+#
+# Phase A, alone on the accelerator: benchmarks/titans.py against titans-pytorch on cuda when it is importable (put
+# its wheels in $WHEELS/peer), while phase B's datasets are generated on the CPU. Phase B, side by side: the S-NIAH
+# runs (Titans MAC and the window transformer, trained at L, evaluated at L and 4L), the MQAR target point (B'MOJO
+# and Mamba-2 at two learning rates) and benchmarks/accelerator_check.py. Training runs only share the GPU, so their
+# accuracies hold but their speeds do not. A_S / B_S: wall seconds of each phase (jobs still running are stopped;
+# their periodic evaluations are in the logs). MQAR_LRS and MQAR_STEPS change the MQAR runs.
+set -u
+A_S=${A_S:-150}; B_S=${B_S:-390}
+LOGS=${LOGS:-/tmp/memarch_runs}
+MQAR_LRS=${MQAR_LRS:-"1e-3 3e-3"}; MQAR_STEPS=${MQAR_STEPS:-3000}
+PY=${PY:-python3}
+R=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$LOGS" "$LOGS/work" "$LOGS/data"
+T0=$(date +%s)
+export PYTHONPATH=$R PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=1
+PEERPATH=$R
+if [ -n "${WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$LOGS/site" \
+    "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=$LOGS/site:$R
+  PEERPATH=$PYTHONPATH
+  if ls "$WHEELS"/peer/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$LOGS/peersite" \
+      "$WHEELS"/peer/*.whl && PEERPATH=$LOGS/site:$LOGS/peersite:$R
+  fi
+fi
+cd "$R" || exit 1
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
+
+if [ -n "${SMOKE:-}" ]; then
+  NIAH=":runlocal,steps=4"; MQ="steps=4,num_train=256,num_test=64,evals=1"; TQ="--quick"; EV="--config.eval_every=2"
+else
+  NIAH=""; MQ="steps=$MQAR_STEPS,num_train=20000,num_test=1000,evals=6"; TQ=""; EV=""
+fi
+MQF=$(echo "$MQ" | sed 's/\([a-z_]*\)=/--\1=/g; s/,/ /g')
+
+# Datasets, generated once on the CPU; the jobs that share one only read it.
+(timeout "$A_S" $PY - "$NIAH" "$MQ" "$LOGS/data" > "$LOGS/data.log" 2>&1 <<'EOF'
+import sys
+sys.path.insert(0, "benchmarks")
+from configs.niah import titans_mac, transformer_window
+from memarch.data import mqar_tfds, niah_tfds, pipeline
+import mqar_sweep
+niah_arg, mq, data = sys.argv[1], dict(kv.split("=") for kv in sys.argv[2].split(",")), sys.argv[3]
+for get in (titans_mac.get_config, transformer_window.get_config):
+  niah_tfds.prepare(niah_tfds.config_from_input(get(niah_arg[1:] or None).input), f"{data}/niah")
+for model in ("bmojo:memory_size=128", "mamba2"):
+  c = mqar_sweep.point_config(model, 64, 256, 64, 1e-3, steps=int(mq["steps"]), batch=64, vocab=8192,
+                              num_train=int(mq["num_train"]), num_test=int(mq["num_test"]), data_dir=None)
+  mqar_tfds.prepare(mqar_tfds.MQARConfig.from_fields(**pipeline.mqar_fields(c.input)), f"{data}/mqar")
+print("datasets ready")
+EOF
+echo "exit $?" >> "$LOGS/data.log") &
+DATA_PID=$!
+
+# Phase A: alone on the accelerator.
+PYTHONPATH=$PEERPATH timeout "$A_S" $PY benchmarks/titans.py $TQ --peer_device=cuda > "$LOGS/titans_bench.log" 2>&1
+echo "exit $?" >> "$LOGS/titans_bench.log"
+echo "phase A done at $(( $(date +%s) - T0 )) s"; grep -v "^[IWE][0-9]" "$LOGS/titans_bench.log" | tail -25
+wait $DATA_PID; tail -2 "$LOGS/data.log"
+
+# Phase B: side by side.
+job() {  # name, data dir, then the command
+  local name=$1 data=$2; shift 2
+  (MEMARCH_DATA_DIR=$data timeout "$B_S" "$@" > "$LOGS/$name.log" 2>&1; echo "exit $?" >> "$LOGS/$name.log") &
+}
+job mac "$LOGS/data/niah" $PY train.py --config "configs/niah/titans_mac.py$NIAH" --workdir "$LOGS/work/mac" $EV
+job window "$LOGS/data/niah" $PY train.py --config "configs/niah/transformer_window.py$NIAH" \
+  --workdir "$LOGS/work/window" $EV
+for lr in $MQAR_LRS; do
+  for model in bmojo:memory_size=128 mamba2; do
+    name=${model%%:*}_$lr
+    job "$name" "$LOGS/data/mqar" $PY benchmarks/mqar_sweep.py --models=$model --d_model=64 --seq_len=256 \
+      --num_kv_pairs=64 --lrs=$lr $MQF --out="$LOGS/work/$name.jsonl"
+  done
+done
+job accelerator_check "$LOGS/data" $PY benchmarks/accelerator_check.py
+wait
+echo "phase B done at $(( $(date +%s) - T0 )) s"
+for n in mac window; do cp "$LOGS/work/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
+cat "$LOGS"/work/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
+grep "|" "$LOGS/accelerator_check.log" | cut -c1-110
+for f in "$LOGS"/*.log; do
+  echo "== $f"; tr '\r' '\n' < "$f" | grep -aE "eval/test/acc|accuracy |^exit|Error|FAIL" | tail -3 | cut -c1-330
+done
