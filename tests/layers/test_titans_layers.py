@@ -239,3 +239,18 @@ def test_niah_memory_stays_bounded_on_a_repeating_stream():
   # ... while theta_max = 1 without the clamp (the configs before an H100 run read NaN at 4L) blows up once
   # theta reaches 0.5 (sigmoid(0)), a value training can reach
   assert not max_weight(max_lr=1.0, max_grad_norm=None, init_theta_bias=0.0) < 1e6  # NaN or huge
+
+
+def test_zero_initial_memory_starts_at_zero_and_learns_from_writes():
+  # Given an LMM with W_0 = 0 (the S-NIAH MAC config's choice, spec §2.5 option)
+  layer = titans.NeuralMemory(num_heads=2, d_model=16, chunk_size=4, depth=1, zero_init_memory=True)
+  x = jax.random.normal(jax.random.key(0), (1, 9, 16))
+  params = layer.init(jax.random.key(1), x)
+  w0 = nn.meta.unbox(params)["params"]["memory"]["w_0"]
+  # Then W_0 is a zero parameter, the writes of a call move the memory away from it ...
+  assert w0.shape == (2, 8, 8) and not bool(jnp.any(w0))
+  y, state = layer.apply(params, x)
+  assert bool(jnp.any(state.memory.weights["w_0"])) and bool(jnp.all(jnp.isfinite(y)))
+  # ... and W_0 still gets an outer-loop gradient (it is learned, only its start is zero)
+  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0] ** 2))(params)
+  assert bool(jnp.any(nn.meta.unbox(g)["params"]["memory"]["w_0"]))
