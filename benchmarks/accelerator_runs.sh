@@ -1,7 +1,7 @@
 #!/bin/bash
 # The checks and quality runs that need an accelerator, in one call sized for a short lease of one GPU.
 #
-#   bash benchmarks/accelerator_runs.sh                    # logs and metrics in $LOGS (default /tmp/memarch_runs)
+#   bash benchmarks/accelerator_runs.sh                    # logs and metrics in $LOGS (default: a new temp dir)
 #   SMOKE=1 bash benchmarks/accelerator_runs.sh            # every job at toy size, to check the script on a CPU
 #   WHEELS=.whl bash benchmarks/accelerator_runs.sh        # first install the wheels in .whl (no package index)
 #
@@ -13,12 +13,13 @@
 # their periodic evaluations are in the logs). MQAR_LRS and MQAR_STEPS change the MQAR runs.
 set -u
 A_S=${A_S:-150}; B_S=${B_S:-390}
-LOGS=${LOGS:-/tmp/memarch_runs}
+LOGS=${LOGS:-$(mktemp -d -t memarch_runs.XXXXXX)}
 MQAR_LRS=${MQAR_LRS:-"1e-3 3e-3"}; MQAR_STEPS=${MQAR_STEPS:-3000}
 PY=${PY:-python3}
 R=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$LOGS" "$LOGS/work" "$LOGS/data"
+mkdir -p "$LOGS" "$LOGS/jobs" "$LOGS/data"
 T0=$(date +%s)
+echo "logs in $LOGS"
 export PYTHONPATH=$R PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=1
 PEERPATH=$R
 if [ -n "${WHEELS:-}" ]; then
@@ -71,21 +72,21 @@ job() {  # name, data dir, then the command
   local name=$1 data=$2; shift 2
   (MEMARCH_DATA_DIR=$data timeout "$B_S" "$@" > "$LOGS/$name.log" 2>&1; echo "exit $?" >> "$LOGS/$name.log") &
 }
-job mac "$LOGS/data/niah" $PY train.py --config "configs/niah/titans_mac.py$NIAH" --workdir "$LOGS/work/mac" $EV
+job mac "$LOGS/data/niah" $PY train.py --config "configs/niah/titans_mac.py$NIAH" --workdir "$LOGS/jobs/mac" $EV
 job window "$LOGS/data/niah" $PY train.py --config "configs/niah/transformer_window.py$NIAH" \
-  --workdir "$LOGS/work/window" $EV
+  --workdir "$LOGS/jobs/window" $EV
 for lr in $MQAR_LRS; do
   for model in bmojo:memory_size=128 mamba2; do
     name=${model%%:*}_$lr
     job "$name" "$LOGS/data/mqar" $PY benchmarks/mqar_sweep.py --models=$model --d_model=64 --seq_len=256 \
-      --num_kv_pairs=64 --lrs=$lr $MQF --out="$LOGS/work/$name.jsonl"
+      --num_kv_pairs=64 --lrs=$lr $MQF --out="$LOGS/jobs/$name.jsonl"
   done
 done
 job accelerator_check "$LOGS/data" $PY benchmarks/accelerator_check.py
 wait
 echo "phase B done at $(( $(date +%s) - T0 )) s"
-for n in mac window; do cp "$LOGS/work/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
-cat "$LOGS"/work/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
+for n in mac window; do cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
+cat "$LOGS"/jobs/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
 grep "|" "$LOGS/accelerator_check.log" | cut -c1-110
 for f in "$LOGS"/*.log; do
   echo "== $f"; tr '\r' '\n' < "$f" | grep -aE "eval/test/acc|accuracy |^exit|Error|FAIL" | tail -3 | cut -c1-330
