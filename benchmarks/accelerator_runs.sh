@@ -5,16 +5,24 @@
 #   SMOKE=1 bash benchmarks/accelerator_runs.sh            # every job at toy size, to check the script on a CPU
 #   WHEELS=.whl bash benchmarks/accelerator_runs.sh        # first install the wheels in .whl (no package index)
 #
-# Phase A, alone on the accelerator: benchmarks/titans.py against titans-pytorch on cuda when it is importable (put
-# its wheels in $WHEELS/peer), while phase B's datasets are generated on the CPU. Phase B, side by side: the S-NIAH
-# runs (Titans MAC and the window transformer, trained at L, evaluated at L and 4L), the MQAR target point (B'MOJO
-# and Mamba-2 at two learning rates) and benchmarks/accelerator_check.py. Training runs only share the GPU, so their
-# accuracies hold but their speeds do not. A_S / B_S: wall seconds of each phase (jobs still running are stopped;
-# their periodic evaluations are in the logs). MQAR_LRS and MQAR_STEPS change the MQAR runs.
+# Phase A, alone on the accelerator: the TITANS_PARTS of benchmarks/titans.py (--parts) against titans-pytorch on
+# cuda when it is importable (put its wheels in $WHEELS/peer), while phase B's datasets are generated on the CPU.
+# Phase B, side by side: the S-NIAH runs of NIAH_MODELS (configs/niah/<name>.py, trained at L, evaluated at L and
+# 4L), the MQAR target point (MQAR_MODELS at each of MQAR_LRS, MQAR_STEPS steps) and
+# benchmarks/accelerator_check.py. Training runs only share the GPU, so their accuracies hold but their speeds do
+# not. A_S / B_S: wall seconds of each phase (jobs still running are stopped; their periodic evaluations are in the
+# logs). The defaults run what the first H100 lease left open (README, Results): the Titans MAC row, the matmul peak
+# and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point at 2e-3 and 3e-3,
+# without and with qk_norm (against the late loss spike of the first run).
+# The full set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
+# MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
 A_S=${A_S:-150}; B_S=${B_S:-390}
 LOGS=${LOGS:-$(mktemp -d -t memarch_runs.XXXXXX)}
-MQAR_LRS=${MQAR_LRS:-"1e-3 3e-3"}; MQAR_STEPS=${MQAR_STEPS:-3000}
+TITANS_PARTS=${TITANS_PARTS:-mac,decode}
+NIAH_MODELS=${NIAH_MODELS:-titans_mac}
+MQAR_MODELS=${MQAR_MODELS:-"bmojo:memory_size=128 bmojo:memory_size=128;qk_norm=True"}; MQAR_LRS=${MQAR_LRS:-"2e-3 3e-3"}
+MQAR_STEPS=${MQAR_STEPS:-4000}
 PY=${PY:-python3}
 R=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$LOGS" "$LOGS/jobs" "$LOGS/data"
@@ -62,7 +70,7 @@ echo "exit $?" >> "$LOGS/data.log") &
 DATA_PID=$!
 
 # Phase A: alone on the accelerator.
-PYTHONPATH=$PEERPATH timeout "$A_S" $PY benchmarks/titans.py $TQ --peer_device=cuda > "$LOGS/titans_bench.log" 2>&1
+PYTHONPATH=$PEERPATH timeout "$A_S" $PY benchmarks/titans.py $TQ --parts="$TITANS_PARTS" --peer_device=cuda > "$LOGS/titans_bench.log" 2>&1
 echo "exit $?" >> "$LOGS/titans_bench.log"
 echo "phase A done at $(( $(date +%s) - T0 )) s"; grep -v "^[IWE][0-9]" "$LOGS/titans_bench.log" | tail -25
 wait $DATA_PID; tail -2 "$LOGS/data.log"
@@ -72,20 +80,20 @@ job() {  # name, data dir, then the command
   local name=$1 data=$2; shift 2
   (MEMARCH_DATA_DIR=$data timeout "$B_S" "$@" > "$LOGS/$name.log" 2>&1; echo "exit $?" >> "$LOGS/$name.log") &
 }
-job mac "$LOGS/data/niah" $PY train.py --config "configs/niah/titans_mac.py$NIAH" --workdir "$LOGS/jobs/mac" $EV
-job window "$LOGS/data/niah" $PY train.py --config "configs/niah/transformer_window.py$NIAH" \
-  --workdir "$LOGS/jobs/window" $EV
+for name in $NIAH_MODELS; do
+  job "$name" "$LOGS/data/niah" $PY train.py --config "configs/niah/$name.py$NIAH" --workdir "$LOGS/jobs/$name" $EV
+done
 for lr in $MQAR_LRS; do
-  for model in bmojo:memory_size=128 mamba2; do
-    name=${model%%:*}_$lr
-    job "$name" "$LOGS/data/mqar" $PY benchmarks/mqar_sweep.py --models=$model --d_model=64 --seq_len=256 \
+  for model in $MQAR_MODELS; do
+    name=$(echo "${model}_$lr" | tr ':;=,' '____')
+    job "$name" "$LOGS/data/mqar" $PY benchmarks/mqar_sweep.py --models="$model" --d_model=64 --seq_len=256 \
       --num_kv_pairs=64 --lrs=$lr $MQF --out="$LOGS/jobs/$name.jsonl"
   done
 done
 job accelerator_check "$LOGS/data" $PY benchmarks/accelerator_check.py
 wait
 echo "phase B done at $(( $(date +%s) - T0 )) s"
-for n in mac window; do cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
+for n in $NIAH_MODELS; do cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
 cat "$LOGS"/jobs/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
 grep "|" "$LOGS/accelerator_check.log" | cut -c1-110
 for f in "$LOGS"/*.log; do

@@ -30,7 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _MODELS = flags.DEFINE_list("models", ["transformer", "mamba2", "titans_lmm", "bmojo_f", "bmojo"],
                             "Config names under configs/mqar/, each optionally with its config argument after a "
-                            "colon, e.g. bmojo:memory_size=128 (one key per model: the list splits on commas).")
+                            "colon, e.g. bmojo:memory_size=128; the list splits on commas, so separate several keys "
+                            "of one model with ';': bmojo:memory_size=128;qk_norm=True.")
 _D = flags.DEFINE_list("d_model", ["64", "128"], "Model widths.")
 _T = flags.DEFINE_list("seq_len", ["128", "256", "512"], "Sequence lengths.")
 _KV = flags.DEFINE_list("num_kv_pairs", ["16", "32", "64"], "Key-value pairs per example.")
@@ -54,8 +55,10 @@ def _config_path(name: str) -> pathlib.Path:
 
 
 def _load_config(name: str):
-  """``get_config(arg)`` of ``configs/mqar/<file>.py`` for ``name = file[:arg]`` (None: no such file)."""
+  """``get_config(arg)`` of ``configs/mqar/<file>.py`` for ``name = file[:arg]`` (None: no such file); ``;`` in
+  ``arg`` separates keys, as ``,`` does in a config argument."""
   file, _, arg = name.partition(":")
+  arg = arg.replace(";", ",")
   path = _config_path(name)
   if not path.exists():
     return None

@@ -4,6 +4,7 @@ python train.py --config configs/mqar/bmojo.py --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:runlocal --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:memory_size=128 --workdir $WORKDIR    # T=256, 64 pairs
 python train.py --config configs/mqar/bmojo.py:runlocal,innovation=key_novelty --workdir $WORKDIR
+python train.py --config configs/mqar/bmojo.py:memory_size=128,qk_norm=True --workdir $WORKDIR
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       ``chunk_size=C`` set the store (spec §4.11: M >= 2 kv; the FIFO covers the last ``M / K`` chunks);
       ``selector_bias=True`` adds the learned store-logit bias of spec §4.7; ``bound=top_m`` keeps the ``M``
       best-scored entries (spec §4.4); ``innovation=key_novelty`` scores tokens by ``1 − max cos`` of their key
-      with the window's and the store's keys instead of the SSM residual (spec §4.1; no probe, no auxiliary loss).
+      with the window's and the store's keys instead of the SSM residual (spec §4.1; no probe, no auxiliary loss);
+      ``qk_norm=True`` RMS-normalises queries and keys per head (spec §3 option; bounds the attention logits).
 
   Returns:
     The experiment ConfigDict.
   """
   arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False,
-                     bound="fifo", innovation="ssm_residual")
+                     bound="fifo", innovation="ssm_residual", qk_norm=False)
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -45,5 +47,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     opts.pop("aux_weight")
   if arg.selector_bias:  # spec §4.7: attention usage also trains the innovation scores
     opts.update(selector_bias=True)
+  if arg.qk_norm:  # spec §3 option: logits bounded by the learned gains, whatever the projections' scale
+    opts.update(qk_norm=True)
   c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)
   return c

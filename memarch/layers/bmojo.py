@@ -81,6 +81,9 @@ class BMojoF(nn.Module):
       :func:`memarch.ops.bmojo.query_block_size`); a speed knob, the output does not depend on it.
     use_rope: rotate queries and keys by their absolute positions (both paths).
     rope_max_wavelength: RoPE base.
+    qk_norm: per-head RMS norm of every query and key before RoPE, with learned gains ``1 + q_norm`` and
+      ``1 + k_norm`` [head_dim] (spec §3's option): the in-context and the fading path (and so the store's keys)
+      share them. It bounds the attention logits by ``√D_h · max gain²``, whatever the scale of the projections.
     w_init_variance_scale: variance multiplier of the q / k / v projections' initialiser.
     dtype: computation dtype (None: promoted input dtype).
     param_dtype: parameter dtype.
@@ -107,6 +110,7 @@ class BMojoF(nn.Module):
   query_block: int | None = None
   use_rope: bool = True
   rope_max_wavelength: float = 10_000.0
+  qk_norm: bool = False
   w_init_variance_scale: float = 1.0
   dtype: DType = None
   param_dtype: DType = jnp.float32
@@ -204,6 +208,19 @@ class BMojoF(nn.Module):
   def _rope(self, z: Array, positions: Array) -> Array:
     return attn_ops.rope(z, positions, max_wavelength=self.rope_max_wavelength) if self.use_rope else z
 
+  def _qk_norm(self, name: str, e: int):
+    """With ``qk_norm``: ``z ↦ z / rms(z) · (1 + gain)`` over the head width (float32 statistics); else identity."""
+    if not self.qk_norm:
+      return lambda z: z
+    gain = self.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), ("kv",)), (e,),
+                      as_dtype(self.param_dtype))
+
+    def norm(z: Array) -> Array:
+      z32 = z.astype(jnp.float32)
+      y = z32 * jax.lax.rsqrt(jnp.mean(z32 * z32, axis=-1, keepdims=True) + 1e-6)
+      return (y * (1.0 + gain.astype(jnp.float32))).astype(z.dtype)
+    return norm
+
   def _innovation(self, x: Array, s: Array, k: Array, state: BMojoState, segment_ids: Array,
                   external: Array | None):
     """Scores, the auxiliary loss and the carried novelty keys; B'MOJO-F has no scores and no loss."""
@@ -267,12 +284,13 @@ class BMojoF(nn.Module):
     wqf, wkf, wvf = fade_w if fade_w else (None, wk, wv)
 
     positions = state.memory.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    q = self._rope(jnp.einsum("btd,dhe->bthe", x_c, wq), positions)
-    k = self._rope(jnp.einsum("btd,dhe->bthe", x_c, wk), positions)
+    q_norm, k_norm = self._qk_norm("q_norm", e), self._qk_norm("k_norm", e)
+    q = self._rope(q_norm(jnp.einsum("btd,dhe->bthe", x_c, wq)), positions)
+    k = self._rope(k_norm(jnp.einsum("btd,dhe->bthe", x_c, wk)), positions)
     v = jnp.einsum("btd,dhe->bthe", x_c, wv)
-    k_fade = self._rope(jnp.einsum("btd,dhe->bthe", s_c, wkf), positions)
+    k_fade = self._rope(k_norm(jnp.einsum("btd,dhe->bthe", s_c, wkf)), positions)
     v_fade = jnp.einsum("btd,dhe->bthe", s_c, wvf)
-    q_fade = None if wqf is None else self._rope(jnp.einsum("btd,dhe->bthe", x_c, wqf), positions)
+    q_fade = None if wqf is None else self._rope(q_norm(jnp.einsum("btd,dhe->bthe", x_c, wqf)), positions)
 
     score, aux_loss, novelty = self._innovation(x, s, k, state, seg, innovation_scores)
     if sequence_axis is not None and t > 1:  # halos, offset prefix and the store band (spec §5.5)

@@ -243,7 +243,7 @@ register_mixer("hcam", _hcam())
 # from a Mamba-2 output at [t-2W+1, t-W] in one softmax; "bmojo" adds the innovation-selected eidetic store. The
 # window is ``mixer_options[name]["window"]``, else ``model.window``.
 _BMOJO_F_OPTIONS = ("window", "tie_attn_weights", "d_state", "expand", "ssm_head_dim", "conv_width",
-                    "ssm_chunk_size", "query_block")
+                    "ssm_chunk_size", "query_block", "qk_norm")
 _BMOJO_OPTIONS = _BMOJO_F_OPTIONS + ("chunk_size", "k_sel", "memory_size", "innovation_dim", "innovation_seed",
                                      "aux_weight", "aux_grad_to_ssm", "selector_bias", "bound", "innovation")
 

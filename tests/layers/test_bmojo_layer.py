@@ -72,15 +72,19 @@ def _naive_layer(layer, params, x, seg, scores=None):
   proj = lambda z, w: jnp.einsum("btd,dhe->bthe", z, w)
   rope = lambda z: attn_ops.rope(z, pos)
   tied = layer.tie_attn_weights
-  q, k, v = rope(proj(x, p["q"])), rope(proj(x, p["k"])), proj(x, p["v"])
-  kf = rope(proj(s, p["k"] if tied else p["k_fade"]))
+  nq = nk = lambda z: z
+  if layer.qk_norm:  # per-head RMS norm before RoPE with gains 1 + g, shared by both paths
+    rms = lambda z, g: z / jnp.sqrt(jnp.mean(z * z, -1, keepdims=True) + 1e-6) * (1.0 + g)
+    nq, nk = (lambda z: rms(z, p["q_norm"])), (lambda z: rms(z, p["k_norm"]))
+  q, k, v = rope(nq(proj(x, p["q"]))), rope(nk(proj(x, p["k"]))), proj(x, p["v"])
+  kf = rope(nk(proj(s, p["k"] if tied else p["k_fade"])))
   vf = proj(s, p["v"] if tied else p["v_fade"])
-  qf = None if tied else rope(proj(x, p["q_fade"]))
+  qf = None if tied else rope(nq(proj(x, p["q_fade"])))
   c, k_sel, m = layer.store_config()
   score = np.zeros((x.shape[0], T))
   innovation = getattr(layer, "innovation", "ssm_residual")
   if m and innovation == "key_novelty":  # pre-RoPE keys, the store kept by the reference itself
-    score = naive_key_novelty(proj(x, p["k"]), seg, window=layer.window, chunk=c, k_sel=k_sel, m=m,
+    score = naive_key_novelty(nk(proj(x, p["k"])), seg, window=layer.window, chunk=c, k_sel=k_sel, m=m,
                               bound=layer.bound)
   elif m and innovation == "external":
     score = np.asarray(scores)
@@ -226,6 +230,31 @@ def test_selector_bias_matches_reference_and_trains_the_probe():
   grads = jax.jit(jax.grad(lambda q: jnp.sum(layer.apply(q, x, segment_ids=SEG)[0] ** 2)))(p)["params"]
   for name in ("innovation_probe", "selector_gamma", "selector_tau"):
     assert float(jnp.abs(grads[name]).max()) > 0, name
+
+
+@pytest.mark.parametrize("name", ["bmojo_untied", pytest.param("bmojo_novelty", marks=pytest.mark.slow)])
+def test_qk_norm_matches_reference_and_makes_logits_scale_free(name):
+  # Given B'MOJO with qk_norm (spec §3 option), its gains moved off their zero init
+  layer, apply, params, x = _setup(name, qk_norm=True)
+  p, e = nn.meta.unbox(params), layer.dims()[2]
+  p["params"]["q_norm"] = jax.random.uniform(jax.random.key(8), (e,), minval=-0.5, maxval=0.5)
+  p["params"]["k_norm"] = jax.random.uniform(jax.random.key(9), (e,), minval=-0.5, maxval=0.5)
+  # When run by the reference, in one call and token by token
+  ref = _naive_layer(layer, p, x, SEG)
+  y_full, _ = apply(p, x, segment_ids=SEG)
+  y_tok, _ = _chunks(layer, apply, p, x, [(t, t + 1) for t in range(T)], SEG)
+  # Then all agree
+  np.testing.assert_allclose(y_full, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y_tok, y_full, atol=1e-5, rtol=1e-5)
+  # And scaling every query / key projection by 30 changes nothing (the logits are bounded by the gains), while
+  # the same scaling without qk_norm changes the output
+  big = {"params": {**p["params"], **{n: 30.0 * w for n, w in p["params"].items()
+                                      if n in ("q", "k", "q_fade", "k_fade")}}}
+  np.testing.assert_allclose(apply(big, x, segment_ids=SEG)[0], y_full, atol=1e-5, rtol=1e-5)
+  plain = layer.clone(qk_norm=False)
+  strip = lambda q: {"params": {n: w for n, w in q["params"].items() if n not in ("q_norm", "k_norm")}}
+  y_plain, y_plain_big = (jax.jit(plain.apply)(strip(q), x, segment_ids=SEG)[0] for q in (p, big))
+  assert float(jnp.abs(y_plain_big - y_plain).max()) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["bmojo", "bmojo_f", "bmojo_novelty",

@@ -47,3 +47,28 @@ def test_runlocal_trains_two_steps(name, tmp_path):
     config.input.num_train, config.input.num_test = 64, 64
   history = train.train_and_evaluate(config, str(tmp_path / "work"))
   assert [h["step"] for h in history] == [1, 2]
+
+
+def test_sweep_model_spec_passes_several_keys_to_the_layer():
+  # Given the MQAR sweep's model spec with two config keys (';' separates them inside the comma-split flag)
+  import sys  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memarch import models  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import mqar_sweep  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  for spec in ("bmojo:memory_size=128;qk_norm=True", "bmojo:memory_size=128"):
+    c = mqar_sweep.point_config(spec, 64, 256, 64, 3e-3, steps=10, batch=8, vocab=512, num_train=8, num_test=8,
+                                data_dir=None)
+    validate.validate(c)
+    model = models.get_model(c.model_name, **c.model.to_dict())
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    shapes[spec] = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  # Then both keys reach every B'MOJO layer: the store of M = 128 and the per-head q / k gains of qk_norm
+  with_norm, without = shapes.values()
+  gains = sorted(k for k in with_norm if k.endswith("_norm']"))
+  assert len(gains) == 4 and all(with_norm[k] == (32,) for k in gains), gains
+  assert set(with_norm) - set(without) == set(gains)
+  assert dict(dict(c.model.mixer_options)["bmojo"])["memory_size"] == 128
