@@ -13,8 +13,8 @@
 # not. A_S / B_S: wall seconds of each phase (jobs still running are stopped; their periodic evaluations are in the
 # logs). The defaults run what the first H100 lease left open (README, Results): the Titans MAC row, the matmul peak
 # and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point at four learning
-# rates (the first run learned at 3e-3 and spiked late; 1e-2 trains fastest at the CPU point L=64, README).
-# The full set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
+# rates (the first run learned at 3e-3 and spiked late; at the CPU point L=64, lr 1e-2 left the plateau within 500
+# steps, README). The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
 # MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
 A_S=${A_S:-150}; B_S=${B_S:-390}

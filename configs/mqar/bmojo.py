@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       ``selector_bias=True`` adds the learned store-logit bias of spec §4.7; ``bound=top_m`` keeps the ``M``
       best-scored entries (spec §4.4); ``innovation=key_novelty`` scores tokens by ``1 − max cos`` of their key
       with the window's and the store's keys instead of the SSM residual (spec §4.1; no probe, no auxiliary loss);
-      ``qk_norm=True`` RMS-normalises queries and keys per head (spec §3 option; bounds the attention logits).
+      ``qk_norm=True`` RMS-normalises queries and keys per head (spec §3 option; bounds the attention logits; at
+      the default point it kept the model on the 1 / kv plateau for 3,000 steps at lr 1e-2, README).
 
   Returns:
     The experiment ConfigDict.

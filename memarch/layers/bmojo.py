@@ -83,7 +83,8 @@ class BMojoF(nn.Module):
     rope_max_wavelength: RoPE base.
     qk_norm: per-head RMS norm of every query and key before RoPE, with learned gains ``1 + q_norm`` and
       ``1 + k_norm`` [head_dim] (spec §3's option): the in-context and the fading path (and so the store's keys)
-      share them. It bounds the attention logits by ``√D_h · max gain²``, whatever the scale of the projections.
+      share them. It bounds every logit by ``√D_h · max|1 + q_norm| · max|1 + k_norm|``, whatever the scale of the
+      projections. Off by default: on MQAR it kept B'MOJO on the 1 / kv plateau (README, Results).
     w_init_variance_scale: variance multiplier of the q / k / v projections' initialiser.
     dtype: computation dtype (None: promoted input dtype).
     param_dtype: parameter dtype.
