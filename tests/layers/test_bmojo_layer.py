@@ -174,9 +174,11 @@ def test_innovation_scores_are_checked():
     BMojo(num_heads=2, window=2, k_sel=1, memory_size=2, innovation="surprise", **SSM).init_state(1)
 
 
-def test_gradients_full_equal_chunked_with_state():
-  # Given B'MOJO without the auxiliary loss (its per-call mean depends on how the sequence is split)
-  layer, _, params, x = _setup("bmojo", aux_weight=0.0)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_gradients_full_equal_chunked_with_state(qk_norm):
+  # Given B'MOJO without the auxiliary loss (its per-call mean depends on how the sequence is split), with and
+  # without qk_norm
+  layer, _, params, x = _setup("bmojo", aux_weight=0.0, qk_norm=qk_norm)
   ct = jax.random.normal(jax.random.key(5), x.shape)
 
   def loss(params, x, bounds):
@@ -190,6 +192,9 @@ def test_gradients_full_equal_chunked_with_state():
   # The probe gets no gradient from the main loss: scores only pick entries (top-k is not differentiable)
   np.testing.assert_array_equal(g_full[0]["params"]["innovation_probe"], 0.0)
   assert float(jnp.abs(g_full[0]["params"]["ssm"]["in_zx"]).max()) > 0
+  if qk_norm:  # the gains are trained
+    assert float(jnp.abs(g_full[0]["params"]["q_norm"]).max()) > 0
+    assert float(jnp.abs(g_full[0]["params"]["k_norm"]).max()) > 0
 
 
 def test_aux_loss_trains_the_probe_only():
