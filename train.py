@@ -2,6 +2,7 @@ r"""Trains a memarch model: config -> validate -> mesh -> data -> model -> shard
 
   python train.py --config configs/mqar/transformer.py --workdir workdir/mqar
   python train.py --config configs/mqar/transformer.py:runlocal --workdir workdir/mqar_local
+  python train.py --config configs/mqar/transformer.py:runlocal --workdir workdir/mqar_local --mode=eval  # no training
 
 Multi-process (one command per host; on a cluster jax finds the coordinator itself):
   python train.py --config ... --workdir ... --multiprocess \
@@ -13,6 +14,8 @@ Interrupt with SIGTERM or Ctrl-C: the run saves a checkpoint and exits; rerunnin
 from __future__ import annotations
 
 import functools
+import json
+import os
 import signal
 import time
 from typing import Any
@@ -31,6 +34,10 @@ from memarch.training import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (or resume) in --workdir. eval: score the newest checkpoint of --workdir on "
+                          "every eval split of the config's task, which may differ from the training task (e.g. "
+                          "longer sequences); appends to eval.jsonl there and changes nothing else.")
 _MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --multiprocess).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --multiprocess).")
@@ -107,6 +114,25 @@ def _add(acc: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.
   return jax.tree.map(lambda a, b: a + b, acc, new)
 
 
+def _task(config: Any) -> tuple[Any, int, int, dict[str, Any]]:
+  """The task's info, its sequence length, the global batch size and the per-process iterator arguments."""
+  info = data.get_task_info(config.input)
+  iterator_args = dict(global_batch_size=config.input.batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count(), data_dir=config.input.get("data_dir"))
+  return info, config.input.get("seq_len", info.seq_len), config.input.batch_size, iterator_args
+
+
+def _eval_splits(config: Any, info: Any, iterator_args: dict[str, Any]) -> dict[str, Any]:
+  """Split name -> a function building a fresh one-epoch, unshuffled iterator of that split."""
+  return {s: functools.partial(data.build_iterator, config.input, split=s, seed=config.seed, shuffle=False,
+                               num_epochs=1, drop_remainder=False, **iterator_args) for s in info.eval_splits}
+
+
+def _batch_shape(info: Any, seq_len: int, batch_size: int) -> tuple[int, ...]:
+  """Token ids (b, L) or float feature vectors (b, L, F); validate() checked model.input_features against the task."""
+  return (batch_size, seq_len) + ((info.input_features,) if info.input_features else ())
+
+
 def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | None = None) -> list[dict[str, float]]:
   """Runs (or resumes) the training job of ``config`` in ``workdir``.
 
@@ -123,15 +149,10 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   rules = sharding.rules_for_mesh(config.logical_axis_rules, mesh)
   is_main = jax.process_index() == 0
 
-  info = data.get_task_info(config.input)
-  seq_len = config.input.get("seq_len", info.seq_len)
-  batch_size = config.input.batch_size
-  iterator_args = dict(global_batch_size=batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), data_dir=config.input.get("data_dir"))
+  info, seq_len, batch_size, iterator_args = _task(config)
   train_iter = data.build_iterator(config.input, split="train", seed=config.seed, shuffle=True, num_epochs=None,
                                    **iterator_args)
-  eval_splits = {s: functools.partial(data.build_iterator, config.input, split=s, seed=config.seed, shuffle=False,
-                                      num_epochs=1, drop_remainder=False, **iterator_args) for s in info.eval_splits}
+  eval_splits = _eval_splits(config, info, iterator_args)
 
   model = models.get_model(config.model_name, **config.model)
   tx, schedule = optim.make_optimizer(config.optax, config.total_steps)
@@ -147,8 +168,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("act_batch", None), mesh, rules)
-    # Token ids (b, L) or float feature vectors (b, L, F); validate() checked model.input_features against the task.
-    batch_shape = (batch_size, seq_len) + ((info.input_features,) if info.input_features else ())
+    batch_shape = _batch_shape(info, seq_len, batch_size)
     abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules, batch_shape)
     manager = checkpoint.make_manager(workdir, config.keep_ckpts)
     state = checkpoint.restore_latest(manager, abstract, train_iter)
@@ -237,6 +257,48 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   return history
 
 
+def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
+  """Scores the newest checkpoint of ``workdir`` on every eval split of ``config``'s task (``--mode=eval``).
+
+  The config may differ from the one that trained the checkpoint in anything that leaves the parameters' shapes
+  alone: the task's lengths (S-NIAH at 16L), test sizes, batch size, mesh. Nothing in ``workdir`` changes but
+  ``eval.jsonl``, which gets one line: the step, the config's ``input`` section and the results.
+
+  Args:
+    config: the experiment ConfigDict (its ``optax`` section is only used to lay out the state).
+    workdir: a run's workdir.
+
+  Returns:
+    ``eval/<split>/<metric>`` scalars, as ``train_and_evaluate`` logs them, plus ``step``.
+
+  Raises:
+    ValueError: no checkpoint in ``workdir``, or a model parameter that the checkpoint lacks or holds in another
+      shape (naming it).
+  """
+  validate.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_for_mesh(config.logical_axis_rules, mesh)
+  info, seq_len, batch_size, iterator_args = _task(config)
+  model = models.get_model(config.model_name, **config.model)
+  tx, _ = optim.make_optimizer(config.optax, config.total_steps)
+  step, source = checkpoint.latest_params(workdir)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("act_batch", None), mesh, rules)
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules, _batch_shape(info, seq_len, batch_size))
+    params = state_lib.exact_params(abstract["params"], source, shardings["params"])
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                      in_shardings=({"params": shardings["params"]}, batch_sharding),
+                      out_shardings=state_lib.replicated(mesh))
+    results = evaluate.evaluate(eval_fn, {"params": params}, _eval_splits(config, info, iterator_args),
+                                batch_sharding, batch_size)
+  if jax.process_index() == 0:
+    logging.info("Checkpoint of step %d in %s: %s", step, workdir,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+    with open(os.path.join(workdir, "eval.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, "input": config.input.to_dict(), **results}, default=str) + "\n")
+  return {"step": step, **results}
+
+
 def main(argv: list[str]) -> None:
   """Entry point: ``python train.py --config ... --workdir ...``."""
   if len(argv) > 1:
@@ -245,7 +307,10 @@ def main(argv: list[str]) -> None:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _MODE.value == "eval":
+    evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  else:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("train_end")
 

@@ -104,16 +104,32 @@ def load_params(workdir: str) -> Any:
   Raises:
     ValueError: no checkpoint under ``workdir``.
   """
+  return latest_params(workdir)[1]
+
+
+def latest_params(workdir: str) -> tuple[int, Any]:
+  """The step and params of the newest checkpoint under ``workdir``, as host arrays (the optimizer state is not read).
+
+  Args:
+    workdir: a run's workdir (its ``checkpoints/`` holds the steps).
+
+  Returns:
+    ``(step, params)``: the checkpoint's step and the nested params dict of its ``state``.
+
+  Raises:
+    ValueError: no checkpoint under ``workdir``.
+  """
   manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "data"),
                                   item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                  "data": grain.checkpoint.CheckpointHandler()})
   steps = manager.all_steps()
   if not steps:
-    raise ValueError(f"init_from={workdir!r}: no checkpoint under {workdir}/checkpoints")
+    raise ValueError(f"no checkpoint under {workdir}/checkpoints")
   # The source run may have used another device topology: restore onto one local device from the metadata.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   meta = manager.item_metadata(max(steps))["state"]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
   restored = manager.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  logging.info("Warm start: params of step %d from %s.", max(steps), workdir)
-  return jax.device_get(restored["state"]["params"])
+  manager.close()
+  logging.info("Params of step %d from %s.", max(steps), workdir)
+  return max(steps), jax.device_get(restored["state"]["params"])

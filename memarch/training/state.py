@@ -117,10 +117,37 @@ def warm_start(state: dict[str, Any], source: Any, shardings: Any) -> tuple[dict
       return leaf
     src = flat_src[key]
     if tuple(src.shape) != tuple(leaf.shape):
-      raise ValueError(f"init_from: parameter {name} has shape {tuple(src.shape)} in the source and "
-                       f"{tuple(leaf.shape)} here")
+      raise ValueError(f"parameter {name} has shape {tuple(src.shape)} in the checkpoint and "
+                       f"{tuple(leaf.shape)} in the model")
     copied.append(name)
     return jax.device_put(jnp.asarray(src, leaf.dtype), sharding)
 
   params = jax.tree_util.tree_map_with_path(take, state["params"], shardings["params"])
   return {**state, "params": params}, copied
+
+
+def exact_params(abstract_params: Any, source: Any, shardings: Any) -> Any:
+  """Every parameter of a model, taken from ``source`` and placed with ``shardings`` (an evaluation's params).
+
+  Unlike :func:`warm_start`, nothing may keep its initialisation: each path of ``abstract_params`` must be in
+  ``source`` with the same shape.
+
+  Args:
+    abstract_params: the model's params as ShapeDtypeStructs (``state_shardings(...)[0]["params"]``).
+    source: a params tree (e.g. from :func:`memarch.training.checkpoint.latest_params`).
+    shardings: the params' NamedShardings.
+
+  Returns:
+    The params tree, sharded.
+
+  Raises:
+    ValueError: a parameter missing from ``source`` (the first few are named) or of another shape there.
+  """
+  state, copied = warm_start({"params": abstract_params}, source, {"params": shardings})
+  names = ["/".join(str(getattr(k, "key", k)) for k in path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
+  missing = [n for n in names if n not in set(copied)]
+  if missing:
+    raise ValueError(f"the checkpoint lacks {len(missing)} of the model's {len(names)} parameters, e.g. "
+                     f"{missing[:3]}: it holds another architecture")
+  return state["params"]

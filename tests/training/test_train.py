@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,50 @@ def test_smoke_sharded_meshes(mesh, data_dir, reference, tmp_path):
   history = train.train_and_evaluate(config, str(tmp_path), interrupt_at_step=2)
   got, want = ht.losses(history), ht.losses(reference[1])
   np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [None, [("data", 4), ("fsdp", 1), ("tensor", 2)]], ids=["same_mesh", "tensor2"])
+def test_eval_mode_scores_the_newest_checkpoint_as_the_loop_did(mesh, data_dir, reference):
+  # Given the reference run, which scored its last (step-4) checkpoint inside the loop;
+  workdir, _ = reference
+  want = [r for r in ht.read_jsonl(workdir) if "eval/test/accuracy" in r][-1]
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  # When the eval mode scores that workdir on the same task (on the training mesh or a tensor-parallel one);
+  got = train.evaluate_checkpoint(ht.tiny_config(data_dir, **({"mesh": mesh} if mesh else {})), workdir)
+  # Then it reports step 4 with the loop's numbers, appends them to eval.jsonl and leaves the checkpoints alone.
+  assert got["step"] == want["step"] == 4
+  evals = {k: v for k, v in want.items() if k.startswith("eval/")}
+  assert {"eval/test/accuracy", "eval/test/loss"} <= set(evals)
+  assert {k: got[k] for k in evals} == pytest.approx(evals, rel=1e-5)
+  with open(os.path.join(workdir, "eval.jsonl"), encoding="utf-8") as f:
+    line = json.loads(f.readlines()[-1])
+  assert line["step"] == 4 and line["input"]["seq_len"] == 32 and line["eval/test/loss"] == got["eval/test/loss"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+
+
+def test_eval_mode_takes_the_task_of_its_config(data_dir, reference):
+  # Given the reference checkpoint; When scored on a test split of 8 rows (the run's had 32);
+  config = ht.tiny_config(data_dir)
+  config.input.num_test = 8
+  got = train.evaluate_checkpoint(config, reference[0])
+  # Then the split holds the 8 new rows.
+  assert got["eval/test/examples"] == 8
+
+
+def test_eval_mode_names_what_does_not_fit(data_dir, reference, tmp_path):
+  # A workdir without checkpoints;
+  with pytest.raises(ValueError, match="no checkpoint under"):
+    train.evaluate_checkpoint(ht.tiny_config(data_dir), str(tmp_path))
+  # a wider model (a parameter of another shape);
+  wide = ht.tiny_config(data_dir)
+  wide.model.d_model = 48
+  with pytest.raises(ValueError, match=r"parameter \S+ has shape \(.*32.*\) in the checkpoint and \(.*48.*\) in the model"):
+    train.evaluate_checkpoint(wide, reference[0])
+  # and a model with an MLP the checkpoint lacks.
+  mlp = ht.tiny_config(data_dir)
+  mlp.model.mlp = "swiglu"
+  with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ of the model's \d+ parameters, e\.g\. \[.*mlp"):
+    train.evaluate_checkpoint(mlp, reference[0])
 
 
 def test_kill_and_resume_is_bitwise_identical(data_dir, reference, tmp_path):
@@ -165,3 +210,13 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(data_dir, tmp_path):
   assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
   steps = [r["step"] for r in ht.read_jsonl(workdir) if "train/loss" in r]
   assert steps[-2:] == [stop + 1, stop + 2] and steps.count(stop + 1) == 1
+  # And --mode=eval scores the last checkpoint as the run's final evaluation did, without training.
+  scored = subprocess.run([sys.executable, "train.py", *flags, "--mode=eval"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-3000:]
+  final = [r for r in ht.read_jsonl(workdir) if "eval/test/accuracy" in r][-1]
+  with open(os.path.join(workdir, "eval.jsonl"), encoding="utf-8") as f:
+    (line,) = [json.loads(x) for x in f]
+  assert line["step"] == final["step"] == stop + 2
+  assert line["eval/test/loss"] == pytest.approx(final["eval/test/loss"], rel=1e-5)
+  assert [r["step"] for r in ht.read_jsonl(workdir) if "train/loss" in r] == steps
