@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 
+import numpy as np
 import pytest
 
 import train
@@ -72,3 +73,20 @@ def test_sweep_model_spec_passes_several_keys_to_the_layer():
   assert len(gains) == 4 and all(with_norm[k] == (32,) for k in gains), gains
   assert set(with_norm) - set(without) == set(gains)
   assert dict(dict(c.model.mixer_options)["bmojo"])["memory_size"] == 128
+
+
+def test_sweep_point_records_its_eval_and_train_curves(tmp_path):
+  # Given one tiny sweep point (20 steps, two evaluations);
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import mqar_sweep  # pylint: disable=g-import-not-at-top
+  c = mqar_sweep.point_config("transformer", 32, 32, 4, 3e-3, steps=20, batch=16, vocab=128, num_train=64,
+                              num_test=32, data_dir=str(tmp_path), evals=2)
+  # When it runs;
+  r = mqar_sweep.run_point(c)
+  # Then the record keeps the test accuracy of both evaluations (the last one is the point's) and the train
+  # metrics of every step (log_every = steps / 100, at least 1), finite.
+  assert [s for s, _ in r["curve"]] == [10, 20] and r["curve"][-1][1] == r["accuracy"]
+  assert [row[0] for row in r["train_curve"]] == list(range(1, 21))
+  assert all(len(row) == 5 and all(np.isfinite(row)) for row in r["train_curve"])
+  assert r["train_curve"][-1][1] < r["train_curve"][0][1]  # the loss fell
