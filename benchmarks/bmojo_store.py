@@ -8,7 +8,9 @@ working selector (spec bmojo.md §4.11) fills the store with the ``2 kv`` contex
 ``configs/mqar/bmojo.py:<config_arg>``, takes its parameters at initialisation or from the newest checkpoint of
 ``--workdir`` (a ``train.py`` run of the same config), runs one batch of the test split and prints, per B'MOJO
 layer, the share of valid store entries (after the last token) whose position lies in the context
-``[0, 2 kv)``. With ``M = 2 kv`` and ``bound=top_m`` a perfect selector scores 1.0.
+``[0, 2 kv)``. With ``M = 2 kv`` and ``bound=top_m`` a perfect selector scores 1.0. It also prints the share of
+the context's keys and of its values that the store holds: with ``k_sel = C / 2`` a selector that keeps every
+value (or every key) of each context chunk scores 1.0 on one of them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir of the same 
 _ROWS = flags.DEFINE_integer("rows", 64, "test rows to run")
 
 
-def store_context_share(config, params, rows: int) -> list[float]:
-  """Per B'MOJO layer: the share of valid store entries that are context tokens, over ``rows`` test rows."""
+def store_context_share(config, params, rows: int) -> list[dict[str, float]]:
+  """Per B'MOJO layer, over ``rows`` test rows: ``share``, the share of valid store entries that are context tokens,
+  and ``keys`` / ``values``, the share of the context's ``kv`` keys (even positions) / values (odd positions) that
+  the store holds after the last token (what the selector kept, less any entry evicted by then)."""
   model = models.get_model(config.model_name, **config.model)
   batches = pipeline.build_iterator(config.input, split="test", seed=0, global_batch_size=rows, shuffle=False,
                                     num_epochs=1)
@@ -50,9 +54,13 @@ def store_context_share(config, params, rows: int) -> list[float]:
     memory = getattr(states[name], "memory", None)
     if memory is None or not memory.store.positions.shape[-1]:
       continue
-    pos = np.asarray(memory.store.positions)
+    pos = np.asarray(memory.store.positions).reshape(rows, -1)
     valid = pos >= 0
-    shares.append(float(((pos < context) & valid).sum() / max(valid.sum(), 1)))
+    held = [set(p[(p >= 0) & (p < context)].tolist()) for p in pos]  # a position stored twice counts once
+    kv = config.input.num_kv_pairs
+    shares.append({"share": float(((pos < context) & valid).sum() / max(valid.sum(), 1)),
+                   "keys": float(np.mean([sum(q % 2 == 0 for q in h) for h in held])) / kv,
+                   "values": float(np.mean([sum(q % 2 == 1 for q in h) for h in held])) / kv})
   return shares
 
 
@@ -62,8 +70,10 @@ def main(argv) -> None:
   params = None if _WORKDIR.value is None else checkpoint.load_params(_WORKDIR.value)
   shares = store_context_share(config, params, _ROWS.value)
   source = "init" if _WORKDIR.value is None else _WORKDIR.value
-  print(f"configs/mqar/bmojo.py:{_ARG.value} ({source}): share of store entries that are context tokens, per "
-        "layer: " + " / ".join(f"{s:.3f}" for s in shares))
+  print(f"configs/mqar/bmojo.py:{_ARG.value} ({source}), per layer:")
+  print("  share of store entries that are context tokens: " + " / ".join(f"{s['share']:.3f}" for s in shares))
+  print("  share of the context's keys / values held:      " +
+        " / ".join(f"{s['keys']:.3f}, {s['values']:.3f}" for s in shares))
 
 
 if __name__ == "__main__":
