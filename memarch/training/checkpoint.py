@@ -108,7 +108,7 @@ def load_params(workdir: str) -> Any:
 
 
 def latest_params(workdir: str) -> tuple[int, Any]:
-  """The step and params of the newest checkpoint under ``workdir``, as host arrays (the optimizer state is not read).
+  """The step and params of the newest checkpoint under ``workdir``, as host arrays (of the restored state).
 
   Args:
     workdir: a run's workdir (its ``checkpoints/`` holds the steps).

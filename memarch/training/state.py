@@ -146,7 +146,8 @@ def exact_params(abstract_params: Any, source: Any, shardings: Any) -> Any:
   state, copied = warm_start({"params": abstract_params}, source, {"params": shardings})
   names = ["/".join(str(getattr(k, "key", k)) for k in path)
            for path, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
-  missing = [n for n in names if n not in set(copied)]
+  copied = set(copied)
+  missing = [n for n in names if n not in copied]
   if missing:
     raise ValueError(f"the checkpoint lacks {len(missing)} of the model's {len(names)} parameters, e.g. "
                      f"{missing[:3]}: it holds another architecture")
