@@ -14,7 +14,8 @@
 # logs). The defaults run what the first H100 lease left open (README, Results): the Titans MAC row, the matmul peak
 # and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point keeping k_sel = 4
 # (M=128) and 6 (M=192) of each 8 tokens, at lr 3e-3 and 1e-2 (the first run learned at 3e-3 and spiked late; at
-# the CPU point L=64, lr 1e-2 left the plateau within 500 steps, and only storing every token cleared 0.99, README). The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
+# the CPU point L=64, lr 1e-2 left the plateau within 500 steps, and only storing every token cleared 0.99, README).
+# The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
 # MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
 A_S=${A_S:-150}; B_S=${B_S:-390}

@@ -92,7 +92,8 @@ def test_eval_mode_names_what_does_not_fit(data_dir, reference, tmp_path):
   # a wider model (a parameter of another shape);
   wide = ht.tiny_config(data_dir)
   wide.model.d_model = 48
-  with pytest.raises(ValueError, match=r"parameter \S+ has shape \(.*32.*\) in the checkpoint and \(.*48.*\) in the model"):
+  shapes = r"parameter \S+ has shape \(.*32.*\) in the checkpoint and \(.*48.*\) in the model"
+  with pytest.raises(ValueError, match=shapes):
     train.evaluate_checkpoint(wide, reference[0])
   # and a model with an MLP the checkpoint lacks.
   mlp = ht.tiny_config(data_dir)
