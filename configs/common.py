@@ -60,6 +60,18 @@ def add_sharding(c: mlc.ConfigDict) -> None:
       ("vocab", "tensor"), ("act_heads", "tensor"), ("act_len", "sequence")]
 
 
+def add_warm_start(c: mlc.ConfigDict, init_from: str = "") -> None:
+  """Sets ``c.init_from``: a run's workdir whose newest checkpoint seeds the model before its first step.
+
+  Every parameter of that checkpoint found in the model under the same path and shape is copied (a parameter of
+  another shape is an error); the rest keep their initialisation, and the optimizer starts fresh. Empty: from
+  scratch. A workdir that already holds checkpoints resumes from them instead. Set it on the command line with
+  ``--config.init_from=DIR``, e.g. for a curriculum (a short task, then a longer one) or to add a memory to a
+  trained model (hmem recipe A2).
+  """
+  c.init_from = init_from
+
+
 def adamw(lr: float, *, warmup_steps: int, b2: float = 0.98, wd: float = 0.1) -> mlc.ConfigDict:
   """The ``optax`` section: AdamW, linear warmup then cosine decay to 0.1 lr, global-norm clipping at 1.
 

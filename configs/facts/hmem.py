@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """
   arg = cc.parse_arg(arg, **fc.ARGS, bank_lr=3.0, bank_wd=1e-3, p_generic=-1.0, ranks="", init_from="")
   c = fc.base_config(arg)
-  c.init_from = arg.init_from  # A2: a trained anchor's workdir; its params seed the same layers
+  cc.add_warm_start(c, arg.init_from)  # A2: a trained anchor's workdir; its params seed the same layers
   ranks = (16, 8) if arg.runlocal else (64, 32)
   if arg.ranks:
     try:

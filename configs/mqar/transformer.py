@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.max_len = 4 * c.input.seq_len  # the test_4x eval split has 4x longer sequences
 
   cc.add_sharding(c)
+  cc.add_warm_start(c)
   # Measured on 2 CPU cores (d=64, batch 64): lr 1e-2 leaves the 1/kv plateau (accuracy ~0.14, a random value of
   # the context) after ~750 steps and reaches 0.99 by ~1,250; lr 3e-3 is still on the plateau at 1,500 steps.
   c.optax = cc.adamw(1e-2, warmup_steps=10 if arg.runlocal else 100)

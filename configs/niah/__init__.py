@@ -55,6 +55,7 @@ def base_config(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.model.dtype = mlc.FieldReference(None, field_type=str)  # "bfloat16" on accelerators
 
   cc.add_sharding(c)
+  cc.add_warm_start(c)
   c.optax = cc.adamw(arg.lr or (3e-3 if arg.runlocal else 1e-3), warmup_steps=max(1, min(200, c.total_steps // 10)))
 
   c.log_every = 10 if arg.runlocal else 50

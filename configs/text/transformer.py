@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.dtype = mlc.FieldReference(None, field_type=str)  # "bfloat16" on accelerators
 
   cc.add_sharding(c)
+  cc.add_warm_start(c)
   c.optax = cc.adamw(3e-3 if arg.runlocal else 1e-3, warmup_steps=5 if arg.runlocal else 200, b2=0.95)
 
   c.log_every = 10 if arg.runlocal else 50

@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -108,7 +109,10 @@ def load_params(workdir: str) -> Any:
 
 
 def latest_params(workdir: str) -> tuple[int, Any]:
-  """The step and params of the newest checkpoint under ``workdir``, as host arrays (of the restored state).
+  """The step and params of the newest checkpoint under ``workdir``, read to host memory as numpy arrays.
+
+  Only the ``params`` subtree is read (a partial restore): the optimizer state, often twice the params, is never
+  loaded, and nothing is placed on a device, so a model trained on a pod can seed or be scored by a smaller one.
 
   Args:
     workdir: a run's workdir (its ``checkpoints/`` holds the steps).
@@ -120,16 +124,16 @@ def latest_params(workdir: str) -> tuple[int, Any]:
     ValueError: no checkpoint under ``workdir``.
   """
   manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "data"),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                  "data": grain.checkpoint.CheckpointHandler()})
   steps = manager.all_steps()
   if not steps:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints")
-  # The source run may have used another device topology: restore onto one local device from the metadata.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  meta = manager.item_metadata(max(steps))["state"]
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  restored = manager.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  meta = manager.item_metadata(max(steps))["state"]["params"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  restored = manager.restore(max(steps), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
   manager.close()
   logging.info("Params of step %d from %s.", max(steps), workdir)
-  return max(steps), jax.device_get(restored["state"]["params"])
+  return max(steps), restored["state"]["params"]

@@ -8,6 +8,7 @@ import re
 
 import jax
 import ml_collections as mlc
+from etils import epath
 
 from memarch import data, models, sharding
 
@@ -44,6 +45,12 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
   for field in ("total_steps", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     if not isinstance(config[field], int) or config[field] <= 0:
       errors.append(f"{field}={config[field]!r} must be a positive int")
+
+  init_from = config.get("init_from")
+  if init_from and not (isinstance(init_from, str) and (epath.Path(init_from) / "checkpoints").is_dir()
+                        and any(p.name.isdigit() for p in (epath.Path(init_from) / "checkpoints").iterdir())):
+    errors.append(f"init_from={init_from!r} must be empty or a run's workdir with a finished checkpoint "
+                  "(checkpoints/<step>)")
 
   info = None
   try:

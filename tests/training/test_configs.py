@@ -7,6 +7,8 @@ import pathlib
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 import train
 from memarch.training import validate
@@ -26,6 +28,18 @@ def test_config_validates_in_both_variants(name):
   assert "python train.py --config" in module.__doc__  # the launch command is documented
   for arg in (None, "runlocal"):
     validate.validate(module.get_config(arg))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_init_from_is_settable_on_the_command_line(name):
+  # Given the flag train.py defines; When a config file is parsed with --config.init_from;
+  argv = ["train.py", f"--config={ROOT / name.replace('.', '/')}.py:runlocal", "--config.init_from=some/run"]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+  values(argv)
+  # Then the config holds it (the warm start of train.py reads it), and it is empty by default.
+  assert values.config.init_from == "some/run"
+  assert importlib.import_module(name).get_config(None).init_from == ""
 
 
 # The heaviest compiles, run with ``-m slow``: the Titans blocks' LM streaming is tested in tests/models/test_lm.py

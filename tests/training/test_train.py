@@ -12,11 +12,13 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import logging
 
 import helpers_training as ht
 import train
+from memarch.training import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,24 @@ def test_eval_mode_names_what_does_not_fit(data_dir, reference, tmp_path):
   mlp.model.mlp = "swiglu"
   with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ of the model's \d+ parameters, e\.g\. \[.*mlp"):
     train.evaluate_checkpoint(mlp, reference[0])
+
+
+def test_latest_params_reads_only_the_params_to_host(reference):
+  # Given the reference run's newest (step-4) checkpoint, restored whole as train.py resumes it;
+  workdir, _ = reference
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
+  whole = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+      jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), manager.item_metadata(4)["state"]))))["state"]
+  manager.close()
+  # When only its params are read;
+  step, params = checkpoint.latest_params(workdir)
+  # Then they are the params of that state, as host numpy arrays.
+  assert step == 4
+  assert jax.tree.structure(params) == jax.tree.structure(whole["params"])
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(whole["params"])):
+    assert type(got) is np.ndarray and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, np.asarray(want))
 
 
 def test_kill_and_resume_is_bitwise_identical(data_dir, reference, tmp_path):

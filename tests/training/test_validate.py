@@ -30,6 +30,7 @@ def _set(config, dotted, value):
     ("optax.name", "sgd", r"optax.name='sgd' is unknown"),
     ("optax.lr_multipliers", [("([", 2.0)], r"optax.lr_multipliers: bad regex"),
     ("total_steps", 0, r"total_steps=0 must be a positive int"),
+    ("init_from", "no/such/run", r"init_from='no/such/run' must be empty or a run's workdir with a finished checkp"),
 ])
 def test_bad_field_raises_its_message(field, value, message, tmp_path):
   # Given the tiny config with one bad field; When validated; Then the error names that field.
@@ -37,6 +38,18 @@ def test_bad_field_raises_its_message(field, value, message, tmp_path):
   _set(config, field, value)
   with pytest.raises(ValueError, match=message):
     validate.validate(config)
+
+
+def test_init_from_needs_a_finished_checkpoint(tmp_path):
+  # Given a run that has not saved yet (an empty checkpoints/, or only a save in progress);
+  config = ht.tiny_config(str(tmp_path))
+  config.init_from = str(tmp_path / "run")
+  (tmp_path / "run" / "checkpoints" / "600.orbax-checkpoint-tmp-0").mkdir(parents=True)
+  # Then it is rejected before anything compiles, and accepted once a step is saved.
+  with pytest.raises(ValueError, match="init_from=.* must be empty or a run's workdir with a finished checkpoint"):
+    validate.validate(config)
+  (tmp_path / "run" / "checkpoints" / "600").mkdir()
+  validate.validate(config)
 
 
 def test_eval_length_is_validated_too(tmp_path):
