@@ -164,3 +164,15 @@ def test_model_input_features_must_match_the_task():
   config.model.input_features = None
   with pytest.raises(ValueError, match="model.input_features=None does not match task 'ballet'"):
     validate.validate(config)
+
+
+def test_hcam_config_sg_arg_sets_the_blocks_stop_gradient():
+  from configs.ballet import hcam  # pylint: disable=g-import-not-at-top
+  from memarch.models import get_model  # pylint: disable=g-import-not-at-top
+
+  def block_option(arg):
+    config = hcam.get_config(arg)
+    return dict(dict(get_model(config.model_name, **config.model).config.mixer_options)["hcam"])["stop_gradient_memory"]
+
+  assert block_option("runlocal") is True  # the paper's and the reference's choice
+  assert block_option("runlocal,sg=0") is False
