@@ -15,6 +15,9 @@
 # and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point keeping k_sel = 4
 # (M=128) and 6 (M=192) of each 8 tokens, at lr 3e-3 and 1e-2 (the first run learned at 3e-3 and spiked late; at
 # the CPU point L=64, lr 1e-2 left the plateau within 500 steps, and only storing every token cleared 0.99, README).
+# BALLET (HCAM config args, e.g. "sg=0"; unset: off) adds to phase B HCAM at 2 dancers / delay 16 for 600 steps,
+# then at 8 / 48 warm-started from it (--config.init_from) for the rest of the phase: the 8 / 48 target needs
+# about 25 min of an H200 from scratch, more than a lease (README, Results: on CPU, the warm start and sg=0 help).
 # The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
 # MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
@@ -92,10 +95,19 @@ for lr in $MQAR_LRS; do
       --num_kv_pairs=64 --lrs=$lr $MQF --out="$LOGS/jobs/$name.jsonl"
   done
 done
+if [ -n "${BALLET:-}" ]; then
+  if [ -n "${SMOKE:-}" ]; then BE="runlocal,steps=4"; BH="runlocal,dancers=8,delay=48,steps=4"; NT=""
+  else BE="dancers=2,delay=16,steps=600"; BH="dancers=8,delay=48"; NT="--config.input.num_train=20000"; fi
+  job ballet "$LOGS/data/ballet" bash -c "$PY train.py --config configs/ballet/hcam.py:$BE,$BALLET $NT $EV \
+    --workdir $LOGS/jobs/ballet_easy && $PY train.py --config configs/ballet/hcam.py:$BH,$BALLET $NT $EV \
+    --config.init_from=$LOGS/jobs/ballet_easy --workdir $LOGS/jobs/ballet_hard"
+fi
 job accelerator_check "$LOGS/data" $PY benchmarks/accelerator_check.py
 wait
 echo "phase B done at $(( $(date +%s) - T0 )) s"
-for n in $NIAH_MODELS; do cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null; done
+for n in $NIAH_MODELS ballet_easy ballet_hard; do
+  cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null
+done
 cat "$LOGS"/jobs/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
 grep "|" "$LOGS/accelerator_check.log" | cut -c1-110
 for f in "$LOGS"/*.log; do
