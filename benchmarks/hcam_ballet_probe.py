@@ -1,4 +1,4 @@
-r"""Where HCAM on ballet goes wrong: accuracy by queried dance, and whether each layer's top-k finds that dance.
+r"""What a ballet HCAM run's query reads: accuracy by queried dance, and whether each layer's top-k finds that dance.
 
   python benchmarks/hcam_ballet_probe.py --config_arg=dancers=8,delay=16 --workdir=RUN_DIR
   python benchmarks/hcam_ballet_probe.py --config_arg=dancers=2,delay=16,runlocal      # at initialisation
@@ -9,8 +9,9 @@ the generator and seed of the run's test split, and runs them once. It prints, f
 one performed), the test accuracy and, per HCAM layer, at the query frame: ``hit`` the share of episodes whose
 top-k holds a chunk of the queried dance, ``top1`` the share where such a chunk has the largest relevance weight,
 ``w`` the mean relevance weight on the dance's chunks, and ``next`` the share whose top-k holds the chunk right after
-the dance (from the second layer on, local attention can carry a dance into the rest frames after it). A model that answers wrongly although its memory found the
-dance reads badly; one whose top-k misses the dance retrieves badly.
+the dance (from the second layer on, local attention can carry a dance into the rest frames after it). The top-k is
+a read-time choice, so ``top_k`` in ``--config_arg`` may differ from the run's. A model that answers wrongly although
+its memory found the dance reads badly; one whose top-k misses the dance retrieves badly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _ROWS = flags.DEFINE_integer("rows", 500, "test episodes to run")
 _BATCH = flags.DEFINE_integer("batch", 100, "episodes per forward pass")
 
 
-def test_episodes(config, rows: int) -> dict[str, np.ndarray]:
+def split_episodes(config, rows: int) -> dict[str, np.ndarray]:
   """The first ``rows`` episodes of the config's test split (same generator and seed as its TFDS builder)."""
   i = config.input
   records = ballet.generate(rows, num_dancers=i.num_dancers, delay=i.delay, seed=ballet.TEST_SEED_OFFSET + i.data_seed,
@@ -73,7 +74,7 @@ def probe(config, params, rows: int, batch: int) -> dict[str, np.ndarray]:
   """Per episode: ``correct`` [rows] bool, ``dance`` [rows] the queried dance, and per HCAM layer ``name`` the
   :func:`selection_stats` at its query frame as ``hit/name``, ``top1/name``, ``w/name`` and ``next/name``."""
   model = models.get_model(config.model_name, **config.model)
-  data = test_episodes(config, rows)
+  data = split_episodes(config, rows)
   chunk = dict(dict(config.model.mixer_options)["hcam"])["chunk_size"]
   if params is None:
     params = nn.meta.unbox(model.init(jax.random.key(config.seed), jnp.asarray(data["inputs"][:1])))["params"]
@@ -114,7 +115,8 @@ def main(argv) -> None:
   print(head)
   groups = [(str(d), res["dance"] == d) for d in np.unique(res["dance"])] + [("all", np.ones_like(res["correct"]))]
   for label, m in groups:
-    cells = "  ".join("/".join(f"{res[f'{q}/{n}'][m].mean():.2f}" for q in ("hit", "top1", "w", "next")).rjust(19) for n in layers)
+    cells = "  ".join("/".join(f"{res[f'{q}/{n}'][m].mean():.2f}" for q in ("hit", "top1", "w", "next")).rjust(19)
+                      for n in layers)
     print(f"{label:>5s} {m.sum():5d} {res['correct'][m].mean():5.3f}  {cells}")
 
 
