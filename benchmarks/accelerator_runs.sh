@@ -18,7 +18,8 @@
 # BALLET (HCAM config args, e.g. "sg=0"; unset: off) adds to phase B the HCAM ballet
 # curriculum: 2 dancers / delay 16 for 600 steps, 8 / 16 reading every chunk (top_k=16) for 300 steps at lr 1e-3
 # and 300 at 3e-4, each warm-started from the stage before (--config.init_from), then the 8 / 48 test split scored
-# with top-8 (--mode=eval, ballet_816b/eval.jsonl). With sg=0 it reached 0.9125 on seed 0 and 0.7135 on seed 1 (2 CPU cores; README).
+# with top-8 (--mode=eval, ballet_816b/eval.jsonl). With sg=0 it reached 0.9125 on seed 0 and 0.7135 on seed 1
+# (2 CPU cores; README, Results).
 # The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
 # MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
@@ -97,8 +98,8 @@ for lr in $MQAR_LRS; do
   done
 done
 if [ -n "${BALLET:-}" ]; then
-  # The CPU curriculum that reached 0.9125 at 8 / 48 on seed 0 (README, Results): 2 / 16, then 8 / 16 reading every chunk
-  # (lr 1e-3, then 3e-4), each stage warm-started from the one before; then scored at 8 / 48 with top-8.
+  # The CPU curriculum that reached 0.9125 at 8 / 48 on seed 0 (README, Results): 2 / 16, then 8 / 16 reading
+  # every chunk (lr 1e-3, then 3e-4), each stage warm-started from the one before; then 8 / 48 scored with top-8.
   if [ -n "${SMOKE:-}" ]; then
     E="steps=4,runlocal"; S="steps=4,runlocal"; H=",runlocal"; NT1=""; NT=""; NE="--config.input.num_test=16"
   else
