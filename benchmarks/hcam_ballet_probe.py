@@ -32,10 +32,14 @@ from memarch import models  # noqa: E402
 from memarch.data import ballet  # noqa: E402
 from memarch.training import checkpoint  # noqa: E402
 
-_ARG = flags.DEFINE_string("config_arg", "dancers=8,delay=16", "the argument of configs/ballet/hcam.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir of the same config (None: parameters at init)")
-_ROWS = flags.DEFINE_integer("rows", 500, "test episodes to run")
-_BATCH = flags.DEFINE_integer("batch", 100, "episodes per forward pass")
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a script, so that importing this module (the tests do) never
+  clashes with ``train.py``'s ``--workdir`` in the same process."""
+  flags.DEFINE_string("config_arg", "dancers=8,delay=16", "the argument of configs/ballet/hcam.py")
+  flags.DEFINE_string("workdir", None, "a train.py workdir of the same config (None: parameters at init)")
+  flags.DEFINE_integer("rows", 500, "test episodes to run")
+  flags.DEFINE_integer("batch", 100, "episodes per forward pass")
 
 
 def split_episodes(config, rows: int) -> dict[str, np.ndarray]:
@@ -102,12 +106,13 @@ def probe(config, params, rows: int, batch: int) -> dict[str, np.ndarray]:
 
 def main(argv) -> None:
   del argv
-  config = hcam_config.get_config(_ARG.value)
-  params = None if _WORKDIR.value is None else checkpoint.load_params(_WORKDIR.value)
-  res = probe(config, params, _ROWS.value, _BATCH.value)
+  f = flags.FLAGS
+  config = hcam_config.get_config(f.config_arg)
+  params = None if f.workdir is None else checkpoint.load_params(f.workdir)
+  res = probe(config, params, f.rows, f.batch)
   layers = sorted({k.split("/", 1)[1] for k in res if k.startswith("hit/")})
-  source = "init" if _WORKDIR.value is None else _WORKDIR.value
-  print(f"configs/ballet/hcam.py:{_ARG.value} ({source}), {_ROWS.value} test episodes, "
+  source = "init" if f.workdir is None else f.workdir
+  print(f"configs/ballet/hcam.py:{f.config_arg} ({source}), {f.rows} test episodes, "
         f"accuracy {res['correct'].mean():.3f}")
   print("per HCAM layer at the query frame: hit (top-k holds the queried dance) / top1 / mean weight on it / next "
         "(top-k holds the chunk after it)")
@@ -121,4 +126,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
