@@ -15,11 +15,12 @@
 # and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point keeping k_sel = 4
 # (M=128) and 6 (M=192) of each 8 tokens, at lr 3e-3 and 1e-2 (the first run learned at 3e-3 and spiked late; at
 # the CPU point L=64, lr 1e-2 left the plateau within 500 steps, and only storing every token cleared 0.99, README).
-# BALLET (HCAM config args, e.g. "sg=0"; unset: off) adds to phase B the HCAM ballet
-# curriculum: 2 dancers / delay 16 for 600 steps, 8 / 16 reading every chunk (top_k=16) for 300 steps at lr 1e-3
-# and two stages of 300 at 3e-4, each warm-started from the stage before (--config.init_from), then the 8 / 48 test
-# split scored with top-8 (--mode=eval, ballet_816c/eval.jsonl). With sg=0 on 2 CPU cores (README, Results) seed 0
-# reached 0.9125 after one 3e-4 stage; seeds 1 and 2 needed three (0.9675, and 0.8825 still climbing).
+# BALLET (HCAM config args, e.g. "sg=0"; unset: off) adds to phase B the HCAM ballet curriculum: 2 dancers /
+# delay 16 for 600 steps, 8 / 16 reading every chunk (top_k=16) for 300 steps at lr 1e-3 and BALLET_STAGES (1-8,
+# default 4) stages of 300 at 3e-4, each warm-started from the stage before (--config.init_from), then the 8 / 48
+# test split scored with top-8 (--mode=eval on the last stage, copied to ballet_848.eval.jsonl); BALLET_SEED sets
+# --config.seed. With sg=0 on 2 CPU cores (README, Results) seed 0 reached 0.9125 after one 3e-4 stage, seed 1
+# 0.9675 after three, seed 2 (a second run) 0.9655 after four.
 # The first lease's set: TITANS_PARTS=lmm,defaults,mac,decode NIAH_MODELS="titans_mac transformer_window"
 # MQAR_MODELS="bmojo:memory_size=128 mamba2" MQAR_LRS="1e-3 3e-3" MQAR_STEPS=3000.
 set -u
@@ -31,6 +32,9 @@ MQAR_MODELS=${MQAR_MODELS-"bmojo:memory_size=128 bmojo:memory_size=192;k_sel=6"}
 MQAR_LRS=${MQAR_LRS:-"3e-3 1e-2"}
 MQAR_STEPS=${MQAR_STEPS:-4000}
 PY=${PY:-python3}
+case ${BALLET_STAGES:-4} in [1-8]) ;; *) echo "BALLET_STAGES must be 1-8, got '$BALLET_STAGES'"; exit 2;; esac
+BALLET_STAGE_NAMES=$(echo b c d e f g h i | cut -d' ' -f1-"${BALLET_STAGES:-4}")
+SEED=${BALLET_SEED:+--config.seed=$BALLET_SEED}
 R=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$LOGS" "$LOGS/jobs" "$LOGS/data"
 T0=$(date +%s)
@@ -98,9 +102,8 @@ for lr in $MQAR_LRS; do
   done
 done
 if [ -n "${BALLET:-}" ]; then
-  # The CPU curriculum that reached 0.9125-0.9675 at 8 / 48 on two of three seeds (README, Results): 2 / 16, then
-  # 8 / 16 reading every chunk (lr 1e-3, then 3e-4 twice), each stage warm-started from the one before; then 8 / 48
-  # scored with top-8.
+  # The CPU curriculum of README, Results: 2 / 16, then 8 / 16 reading every chunk (lr 1e-3, then BALLET_STAGES
+  # stages at 3e-4), each stage warm-started from the one before; then 8 / 48 scored with top-8.
   if [ -n "${SMOKE:-}" ]; then
     E="steps=4,runlocal"; S="steps=4,runlocal"; H=",runlocal"; NT1=""; NT=""; NE="--config.input.num_test=16"
   else
@@ -109,20 +112,24 @@ if [ -n "${BALLET:-}" ]; then
   fi
   B="$PY train.py --config configs/ballet/hcam.py"
   J=$LOGS/jobs
-  job ballet "$LOGS/data/ballet" bash -c "$B:dancers=2,delay=16,$E,$BALLET $NT1 $EV --workdir $J/ballet_216 && \
-    $B:dancers=8,delay=16,$S,top_k=16,$BALLET $NT $EV --config.init_from=$J/ballet_216 --workdir $J/ballet_816 && \
-    $B:dancers=8,delay=16,$S,top_k=16,lr=3e-4,$BALLET $NT $EV --config.init_from=$J/ballet_816 \
-    --workdir $J/ballet_816b && $B:dancers=8,delay=16,$S,top_k=16,lr=3e-4,$BALLET $NT $EV \
-    --config.init_from=$J/ballet_816b --workdir $J/ballet_816c && \
-    $B:dancers=8,delay=48,top_k=8$H,$BALLET --config.input.num_train=64 $NE --mode=eval --workdir $J/ballet_816c"
+  C="$B:dancers=2,delay=16,$E,$BALLET $NT1 $EV $SEED --workdir $J/ballet_216"
+  C="$C && $B:dancers=8,delay=16,$S,top_k=16,$BALLET $NT $EV $SEED --config.init_from=$J/ballet_216 --workdir $J/ballet_816"
+  PREV=ballet_816
+  for STAGE in $BALLET_STAGE_NAMES; do
+    C="$C && $B:dancers=8,delay=16,$S,top_k=16,lr=3e-4,$BALLET $NT $EV $SEED --config.init_from=$J/$PREV"
+    C="$C --workdir $J/ballet_816$STAGE"
+    PREV=ballet_816$STAGE
+  done
+  C="$C && $B:dancers=8,delay=48,top_k=8$H,$BALLET --config.input.num_train=64 $NE $SEED --mode=eval --workdir $J/$PREV"
+  job ballet "$LOGS/data/ballet" bash -c "$C"
 fi
 job accelerator_check "$LOGS/data" $PY benchmarks/accelerator_check.py
 wait
 echo "phase B done at $(( $(date +%s) - T0 )) s"
-for n in $NIAH_MODELS ballet_216 ballet_816 ballet_816b ballet_816c; do
+for n in $NIAH_MODELS ballet_216 ballet_816 $(for s in $BALLET_STAGE_NAMES; do echo ballet_816$s; done); do
   cp "$LOGS/jobs/$n/metrics.jsonl" "$LOGS/$n.metrics.jsonl" 2>/dev/null
 done
-cp "$LOGS/jobs/ballet_816c/eval.jsonl" "$LOGS/ballet_848.eval.jsonl" 2>/dev/null
+cp "$LOGS/jobs/ballet_816${BALLET_STAGE_NAMES##* }/eval.jsonl" "$LOGS/ballet_848.eval.jsonl" 2>/dev/null
 cat "$LOGS"/jobs/*.jsonl > "$LOGS/sweep.jsonl" 2>/dev/null
 grep "|" "$LOGS/accelerator_check.log" | cut -c1-110
 for f in "$LOGS"/*.log; do
