@@ -19,6 +19,19 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """``<workdir>/checkpoints`` as an absolute path (orbax refuses relative ones; ``gs://...`` is kept as is).
+
+  Args:
+    workdir: the run directory, relative to the current directory or absolute, local or a cloud URL.
+
+  Returns:
+    The checkpoints directory.
+  """
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  return epath.Path(root) / "checkpoints"
+
+
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """Returns an async CheckpointManager over ``<workdir>/checkpoints`` keeping the newest ``keep`` checkpoints.
 
@@ -32,7 +45,7 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data"),
+      checkpoint_dir(workdir), options=options, item_names=("state", "data"),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
 
@@ -123,7 +136,7 @@ def latest_params(workdir: str) -> tuple[int, Any]:
   Raises:
     ValueError: no checkpoint under ``workdir``.
   """
-  manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "data"),
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                  "data": grain.checkpoint.CheckpointHandler()})
   steps = manager.all_steps()

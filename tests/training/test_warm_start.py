@@ -9,22 +9,25 @@ from configs.facts import anchor, hmem
 from memarch.training import checkpoint, state as state_lib
 
 
-def test_hmem_run_starts_from_the_anchor_checkpoint(tmp_path):
-  # Given an anchor trained for two steps (and checkpointed).
+def test_hmem_run_starts_from_the_anchor_checkpoint(tmp_path, monkeypatch):
+  # Given an anchor trained for two steps (and checkpointed) in a workdir named relative to the current
+  # directory, as the README's commands name theirs (orbax itself takes absolute paths only).
+  monkeypatch.chdir(tmp_path)
   data = str(tmp_path / "tfds")
   cfg = anchor.get_config("runlocal,steps=2")
   cfg.log_every, cfg.eval_every, cfg.ckpt_every = 1, 2, 2
   cfg.input.data_dir = data
-  train.train_and_evaluate(cfg, str(tmp_path / "anchor"))
-  src = checkpoint.load_params(str(tmp_path / "anchor"))
+  train.train_and_evaluate(cfg, "workdir/anchor")
+  assert (tmp_path / "workdir" / "anchor" / "checkpoints" / "2").is_dir()
+  src = checkpoint.load_params("workdir/anchor")
   # When the memory model is created with init_from (zero steps: the state right after the warm start is saved).
-  cfg = hmem.get_config(f"runlocal,steps=1,init_from={tmp_path / 'anchor'}")
-  assert cfg.init_from == str(tmp_path / "anchor")
+  cfg = hmem.get_config("runlocal,steps=1,init_from=workdir/anchor")
+  assert cfg.init_from == "workdir/anchor"
   cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.total_steps = 1, 1, 1, 1
   cfg.input.data_dir = data
   cfg.optax.lr = 1e-12  # one (negligible) step, so the checkpoint shows the starting params
-  train.train_and_evaluate(cfg, str(tmp_path / "hmem"))
-  got = checkpoint.load_params(str(tmp_path / "hmem"))
+  train.train_and_evaluate(cfg, "workdir/hmem")
+  got = checkpoint.load_params("workdir/hmem")
   # Then every anchor array was copied into the same path, and the bank exists only in the new model.
   flat = lambda t: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(t)}
   s, g = flat(src), flat(got)
