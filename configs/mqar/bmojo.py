@@ -25,13 +25,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       best-scored entries (spec §4.4); ``innovation=key_novelty`` scores tokens by ``1 − max cos`` of their key
       with the window's and the store's keys instead of the SSM residual (spec §4.1; no probe, no auxiliary loss);
       ``qk_norm=True`` RMS-normalises queries and keys per head (spec §3 option; bounds the attention logits; at
-      the default point it kept the model on the 1 / kv plateau for 3,000 steps at lr 1e-2, README).
+      the default point it kept the model on the 1 / kv plateau for 3,000 steps at lr 1e-2, README);
+      ``probe_lr=F`` scales the learning rate (and weight decay) of the SSM-residual innovation probe ``P_s``,
+      which sees only ``L_aux`` yet decides what the store keeps (README: 0.1 did not keep a solved model's
+      selection at the MQAR target point).
 
   Returns:
     The experiment ConfigDict.
   """
   arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False,
-                     bound="fifo", innovation="ssm_residual", qk_norm=False)
+                     bound="fifo", innovation="ssm_residual", qk_norm=False, probe_lr=1.0)
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -51,4 +54,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.qk_norm:  # spec §3 option: logits bounded by the learned gains, whatever the projections' scale
     opts.update(qk_norm=True)
   c.model.mixer_options = (("bmojo", tuple(sorted(opts.items()))),)
+  if arg.probe_lr != 1.0:
+    if arg.innovation != "ssm_residual":
+      raise ValueError(f"probe_lr={arg.probe_lr}: only innovation=ssm_residual has a probe (got {arg.innovation!r})")
+    c.optax.lr_multipliers = [(r"/innovation_probe$", arg.probe_lr)]
   return c

@@ -104,3 +104,25 @@ def test_sweep_point_records_its_eval_and_train_curves(tmp_path):
   assert [row[0] for row in r["train_curve"]] == list(range(1, 21))
   assert all(len(row) == 5 and all(np.isfinite(row)) for row in r["train_curve"])
   assert r["train_curve"][-1][1] < r["train_curve"][0][1]  # the loss fell
+
+
+def test_bmojo_probe_lr_scales_the_innovation_probes_alone():
+  # Given the MQAR B'MOJO config with probe_lr=0.1, and the default;
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs.mqar import bmojo  # pylint: disable=g-import-not-at-top
+  from memarch import models  # pylint: disable=g-import-not-at-top
+  from memarch.training import optim  # pylint: disable=g-import-not-at-top
+  c = bmojo.get_config("runlocal,probe_lr=0.1")
+  validate.validate(c)
+  model = models.get_model(c.model_name, **c.model.to_dict())
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+  # When the optimizer's multipliers are resolved on the model's parameters;
+  mults = optim.lr_multipliers(params, c.optax.lr_multipliers)
+  scaled = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mults) if m != 1.0}
+  # Then exactly the two layers' probes get 0.1, the default scales nothing, and a score without a probe refuses it.
+  assert scaled == {f"['block_{i}']['mixer']['innovation_probe']": 0.1 for i in range(2)}
+  assert not list(bmojo.get_config("runlocal").optax.lr_multipliers)
+  with pytest.raises(ValueError, match="probe_lr=0.1: only innovation=ssm_residual has a probe"):
+    bmojo.get_config("probe_lr=0.1,innovation=key_novelty")
