@@ -2,19 +2,18 @@ r"""What B'MOJO's eidetic store holds on MQAR: the share of store entries that a
 
   python benchmarks/bmojo_store.py --config=configs/mqar/bmojo.py:memory_size=16,k_sel=8,chunk_size=8,bound=top_m,innovation=key_novelty
   python benchmarks/bmojo_store.py --config=configs/mqar/bmojo.py:memory_size=16,k_sel=8,chunk_size=8,bound=top_m --workdir=RUN_DIR
-  python benchmarks/bmojo_store.py --config=configs/mqar/bmojo.py:memory_size=192,k_sel=6 $F --workdir=RUN_DIR
+  python benchmarks/bmojo_store.py --config=configs/mqar/bmojo.py:memory_size=192,k_sel=6 $F --workdir=RUN_DIR --steps=all
 
 With ``random_non_queries=False`` (the MQAR configs' setting) the filler token 0 is predictable and repeated, so a
 working selector (spec bmojo.md §4.11) fills the store with the ``2 kv`` context tokens. The script takes the
 config as ``train.py`` does (``--config=FILE:ARGS`` and ``--config.FIELD=VALUE`` overrides, e.g. the MQAR target
-point's task flags ``$F`` of the README), its parameters at initialisation or from the newest checkpoint of
-``--workdir`` (a ``train.py`` run of the same config), runs one batch of the test split and prints, per B'MOJO
-layer, the share of valid store entries (after the last token) whose position lies in the context
-``[0, 2 kv)``. With ``M = 2 kv`` and ``bound=top_m`` a perfect selector scores 1.0. It also prints the share of
-the context's keys and of its values that the store holds: with ``k_sel = C / 2`` a selector that keeps every
-value (or every key) of each context chunk scores 1.0 on one of them; and the share of the ``kv`` pairs of which
-the store holds the key, the value or both (a second layer can read a pair from either token, each of which mixes
-its neighbour in through the causal convolution).
+point's task flags ``$F`` of the README), the parameters at initialisation or from the newest checkpoint of
+``--workdir`` (a ``train.py`` run of the same config; ``--steps=all`` or ``--steps=1750,3000``: those checkpoints in
+turn), runs one batch of the test split and prints, per B'MOJO layer, the share of valid store entries (after the
+last token) whose position lies in the context ``[0, 2 kv)``. With ``M = 2 kv`` and ``bound=top_m`` a perfect
+selector scores 1.0. It also prints the share of the context's keys and of its values that the store holds (with
+``k_sel = C / 2`` a selector that keeps every value, or every key, of each context chunk scores 1.0 on one of
+them), and the share of the ``kv`` pairs of which it holds the key, the value or both.
 """
 
 from __future__ import annotations
@@ -73,18 +72,32 @@ def store_context_share(config, params, rows: int) -> list[dict[str, float]]:
   return shares
 
 
+def _steps(workdir: str, spec: str) -> list[int | None]:
+  """The checkpoint steps ``--steps`` names: ``newest`` (None), ``all``, or a comma-separated list."""
+  if spec == "newest":
+    return [None]
+  if spec == "all":
+    return checkpoint.checkpoint_steps(workdir)
+  return [int(x) for x in spec.split(",")]
+
+
 def main(argv) -> None:
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  params = None if workdir is None else checkpoint.load_params(workdir)
-  shares = store_context_share(config, params, flags.FLAGS.rows)
-  source = "init" if workdir is None else workdir
   config_file = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), _ROOT)
-  print(f"{config_file} ({source}), per layer:")
-  print("  share of store entries that are context tokens: " + " / ".join(f"{s['share']:.3f}" for s in shares))
-  print("  share of the context's keys / values held:      " +
-        " / ".join(f"{s['keys']:.3f}, {s['values']:.3f}" for s in shares))
-  print("  share of the context's pairs held (key or value): " + " / ".join(f"{s['pairs']:.3f}" for s in shares))
+  if workdir is None and flags.FLAGS.steps != "newest":
+    raise app.UsageError("--steps reads the checkpoints of --workdir; without it the parameters are at init")
+  for step in [None] if workdir is None else _steps(workdir, flags.FLAGS.steps):
+    params = None
+    if workdir is not None:
+      step, params = checkpoint.params_at(workdir, step)
+    shares = store_context_share(config, params, flags.FLAGS.rows)
+    source = "init" if workdir is None else f"{workdir}, step {step}"
+    print(f"{config_file} ({source}), per layer:")
+    print("  share of store entries that are context tokens: " + " / ".join(f"{s['share']:.3f}" for s in shares))
+    print("  share of the context's keys / values held:      " +
+          " / ".join(f"{s['keys']:.3f}, {s['values']:.3f}" for s in shares))
+    print("  share of the context's pairs held (key or value): " + " / ".join(f"{s['pairs']:.3f}" for s in shares))
 
 
 if __name__ == "__main__":
@@ -95,4 +108,5 @@ if __name__ == "__main__":
       lock_config=True)
   flags.DEFINE_string("workdir", None, "a train.py workdir of the same config (None: parameters at init)")
   flags.DEFINE_integer("rows", 64, "test rows to run")
+  flags.DEFINE_string("steps", "newest", "with --workdir, which checkpoints: newest, all, or steps like 1750,3000")
   app.run(main)

@@ -38,3 +38,10 @@ def test_a_store_that_keeps_every_token_holds_every_pair(tmp_path):
   assert len(shares) == 2
   for s in shares:
     assert s == pytest.approx({"share": 16 / 64, "keys": 1.0, "values": 1.0, "pairs": 1.0})
+
+
+def test_steps_flag_values(tmp_path):
+  # --steps: the newest checkpoint (None), a list, or every checkpoint of the workdir (none here).
+  assert bmojo_store._steps(str(tmp_path), "newest") == [None]  # pylint: disable=protected-access
+  assert bmojo_store._steps(str(tmp_path), "1750,3000") == [1750, 3000]  # pylint: disable=protected-access
+  assert bmojo_store._steps(str(tmp_path), "all") == []  # pylint: disable=protected-access

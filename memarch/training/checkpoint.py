@@ -121,32 +121,55 @@ def load_params(workdir: str) -> Any:
   return latest_params(workdir)[1]
 
 
+def _params_manager(workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              "data": grain.checkpoint.CheckpointHandler()})
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints under ``workdir``, ascending (empty when there are none)."""
+  manager = _params_manager(workdir)
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
 def latest_params(workdir: str) -> tuple[int, Any]:
-  """The step and params of the newest checkpoint under ``workdir``, read to host memory as numpy arrays.
+  """The step and params of the newest checkpoint under ``workdir``: :func:`params_at` with ``step=None``."""
+  return params_at(workdir)
+
+
+def params_at(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """The step and params of the checkpoint of ``step`` (None: the newest) under ``workdir``, read to host memory as
+  numpy arrays.
 
   Only the ``params`` subtree is read (a partial restore): the optimizer state, often twice the params, is never
   loaded, and nothing is placed on a device, so a model trained on a pod can seed or be scored by a smaller one.
 
   Args:
     workdir: a run's workdir (its ``checkpoints/`` holds the steps).
+    step: the checkpoint to read (None: the newest).
 
   Returns:
     ``(step, params)``: the checkpoint's step and the nested params dict of its ``state``.
 
   Raises:
-    ValueError: no checkpoint under ``workdir``.
+    ValueError: no checkpoint under ``workdir``, or none of ``step`` (naming the steps there are).
   """
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                 "data": grain.checkpoint.CheckpointHandler()})
-  steps = manager.all_steps()
+  manager = _params_manager(workdir)
+  steps = sorted(manager.all_steps())
   if not steps:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints")
-  meta = manager.item_metadata(max(steps))["state"]["params"]
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"no checkpoint of step {step} under {workdir}/checkpoints (steps: {steps})")
+  meta = manager.item_metadata(step)["state"]["params"]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
   restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  restored = manager.restore(max(steps), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
   manager.close()
-  logging.info("Params of step %d from %s.", max(steps), workdir)
-  return max(steps), restored["state"]["params"]
+  logging.info("Params of step %d from %s.", step, workdir)
+  return step, restored["state"]["params"]

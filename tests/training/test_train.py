@@ -120,6 +120,13 @@ def test_latest_params_reads_only_the_params_to_host(reference):
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(whole["params"])):
     assert type(got) is np.ndarray and got.dtype == want.dtype
     np.testing.assert_array_equal(got, np.asarray(want))
+  # And the older checkpoint can be read by its step (other params), a missing step is named with those there are.
+  assert checkpoint.checkpoint_steps(workdir) == [2, 4]
+  step2, params2 = checkpoint.params_at(workdir, step=2)
+  assert step2 == 2 and jax.tree.structure(params2) == jax.tree.structure(params)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)))
+  with pytest.raises(ValueError, match=r"no checkpoint of step 3 under .* \(steps: \[2, 4\]\)"):
+    checkpoint.params_at(workdir, step=3)
 
 
 def test_kill_and_resume_is_bitwise_identical(data_dir, reference, tmp_path):
