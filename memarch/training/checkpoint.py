@@ -159,12 +159,12 @@ def params_at(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """
   manager = _params_manager(workdir)
   steps = sorted(manager.all_steps())
-  if not steps:
-    raise ValueError(f"no checkpoint under {workdir}/checkpoints")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
+  if not steps or (step is not None and step not in steps):
+    manager.close()
+    if not steps:
+      raise ValueError(f"no checkpoint under {workdir}/checkpoints")
     raise ValueError(f"no checkpoint of step {step} under {workdir}/checkpoints (steps: {steps})")
+  step = steps[-1] if step is None else step
   meta = manager.item_metadata(step)["state"]["params"]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
   restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
