@@ -77,6 +77,9 @@ def adamw(lr: float, *, warmup_steps: int, b2: float = 0.98, wd: float = 0.1) ->
 
   ``lr_multipliers`` is ``[(regex on '/'-joined param path, multiplier)]`` (first match wins; memory layers tune
   their gates there) and ``wd_exclude`` lists regexes exempt from weight decay on top of norms, biases and gains.
+  ``lr_drop_below_loss > 0`` multiplies the lr by ``lr_drop_factor`` from the first step whose training loss is
+  below it (``memarch.training.optim.drop_lr_once_loss_below``; for tasks that solve abruptly after a plateau).
   """
   return mlc.ConfigDict(dict(name="adamw", lr=lr, b1=0.9, b2=b2, eps=1e-8, wd=wd, warmup_steps=warmup_steps,
-                             min_lr_ratio=0.1, clip=1.0, lr_multipliers=[], wd_exclude=[]))
+                             min_lr_ratio=0.1, clip=1.0, lr_multipliers=[], wd_exclude=[],
+                             lr_drop_below_loss=0.0, lr_drop_factor=0.1))

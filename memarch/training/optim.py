@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +160,50 @@ def lazy_rows(inner: optax.GradientTransformation, patterns: Sequence[str]) -> o
   return optax.GradientTransformation(inner.init, update_fn)
 
 
+class LossDropState(NamedTuple):
+  """State of :func:`drop_lr_once_loss_below`: ``scale`` is 1 until the loss first falls below the threshold, then
+  ``factor`` for good."""
+  scale: jax.Array
+
+
+def drop_lr_once_loss_below(threshold: float, factor: float) -> optax.GradientTransformationExtraArgs:
+  """Scales every update by ``factor`` from the first step whose training loss is below ``threshold`` on.
+
+  A one-way switch for tasks that sit on a loss plateau and then solve abruptly (MQAR at its hard points): the
+  plateau needs the peak lr to break, the solution found after it does not survive that lr (README, B'MOJO at the
+  MQAR target point), and the step at which the plateau breaks varies with the seed. The loss is the batch's, before
+  this step's update, passed as ``tx.update(..., value=loss)`` (optax's convention, as for
+  ``optax.contrib.reduce_on_plateau``). The switch is in the optimizer state, so a resumed run keeps it.
+
+  Args:
+    threshold: the loss below which the lr drops.
+    factor: the lr multiplier after the drop, in (0, 1].
+
+  Returns:
+    The transformation; its state is a :class:`LossDropState`.
+  """
+  def init_fn(params):
+    del params
+    return LossDropState(scale=jnp.ones((), jnp.float32))
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    if value is None:
+      raise ValueError("drop_lr_once_loss_below: the optimizer update needs the loss, as value=loss")
+    scale = jnp.where(value < threshold, jnp.float32(factor), state.scale)
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), LossDropState(scale=scale)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lr_scale(opt_state: Any) -> jax.Array:
+  """The product of the :class:`LossDropState` scales in an optimizer state (1 when there is none)."""
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LossDropState))
+            if isinstance(s, LossDropState)]
+  scale = jnp.ones((), jnp.float32)
+  for s in states:
+    scale = scale * s.scale
+  return scale
+
+
 def make_schedule(cfg: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio`` at ``total_steps``.
 
@@ -188,7 +232,9 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
     cfg: ``config.optax``: name ("adamw"), lr, b1, b2, eps, wd, warmup_steps, min_lr_ratio, clip,
       lr_multipliers, wd_exclude, weight_decay_rules (``[(regex, rate)]``, see :func:`weight_decay_rates`),
       lazy_rows (path regexes of memory banks updated only on fetched rows, see
-      :func:`lazy_rows`).
+      :func:`lazy_rows`), lr_drop_below_loss and lr_drop_factor (0 = off; otherwise the lr is multiplied by
+      ``lr_drop_factor`` from the first step whose training loss is below ``lr_drop_below_loss``, see
+      :func:`drop_lr_once_loss_below`; the update then needs ``value=loss``).
     total_steps: the length of the run (for the cosine decay).
 
   Returns:
@@ -214,4 +260,6 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
   if lazy:  # everything after clipping sees the raw zero rows of unfetched bank blocks
     clip = parts[:1] if cfg.get("clip") else []
     parts = [*clip, lazy_rows(optax.chain(*parts[len(clip):]), lazy)]
+  if cfg.get("lr_drop_below_loss", 0.0):
+    parts.append(drop_lr_once_loss_below(cfg.lr_drop_below_loss, cfg.get("lr_drop_factor", 0.1)))
   return optax.chain(*parts), schedule

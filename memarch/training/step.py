@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from memarch.ops import memory_bank
+from memarch.training import optim
 
 IGNORE = -100
 
@@ -188,7 +189,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
     return loss, {**stats, **recon}
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt = tx.update(grads, state["opt"], state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"], value=loss)
   params = optax.apply_updates(state["params"], updates)
   summary = summarize(stats)
   if "recon_loss" in summary:
@@ -197,7 +198,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.
     summary["loss"] = loss
   metrics = {**summary, "l2_grads": optax.tree.norm(grads),
              "l2_params": optax.tree.norm(params), "l2_updates": optax.tree.norm(updates),
-             "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
+             "lr": jnp.asarray(schedule(state["step"]), jnp.float32) * optim.lr_scale(opt)}
   new_state = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
   return new_state, metrics
 

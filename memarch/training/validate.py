@@ -158,6 +158,11 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None, process_cou
     errors.append(f"optax.name={opt.get('name')!r} is unknown (only 'adamw')")
   if not opt.get("lr", 0) > 0:
     errors.append(f"optax.lr={opt.get('lr')!r} must be positive")
+  drop_at, drop_factor = opt.get("lr_drop_below_loss", 0.0), opt.get("lr_drop_factor", 0.1)
+  if isinstance(drop_at, bool) or not isinstance(drop_at, (int, float)) or not drop_at >= 0:
+    errors.append(f"optax.lr_drop_below_loss={drop_at!r} must be a non-negative number (0 = no drop)")
+  if isinstance(drop_factor, bool) or not isinstance(drop_factor, (int, float)) or not 0 < drop_factor <= 1:
+    errors.append(f"optax.lr_drop_factor={drop_factor!r} must be in (0, 1]")
   for field in ("lr_multipliers", "wd_exclude", "weight_decay_rules"):
     for item in opt.get(field, ()) or ():
       paired = field != "wd_exclude"

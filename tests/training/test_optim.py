@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import pytest
 
 from memarch.training import optim
 
@@ -57,3 +58,36 @@ def test_schedule_warmup_then_cosine_to_min():
   np.testing.assert_allclose([sched(0), sched(2), sched(10)], [0.0, 1e-2, 1e-3], rtol=1e-6)
   assert sched(5) < sched(2)
 
+
+
+def test_lr_drop_switches_once_and_stays():
+  # Given the drop at loss 1.0 by a factor 0.25, and the updates of the plain optimizer;
+  params = _params()
+  grads = jax.tree.map(lambda p: 0.1 * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params)
+  plain, _ = optim.make_optimizer(_cfg(), total_steps=10)
+  tx, _ = optim.make_optimizer(_cfg(lr_drop_below_loss=1.0, lr_drop_factor=0.25), total_steps=10)
+  ref_state, state = plain.init(params), tx.init(params)
+  scales = []
+  # When losses 3, 2, 0.5 (below), then 4 (above again) arrive;
+  for loss in (3.0, 2.0, 0.5, 4.0):
+    ref, ref_state = plain.update(grads, ref_state, params)
+    upd, state = tx.update(grads, state, params, value=jnp.float32(loss))
+    scales.append(float(optim.lr_scale(state)))
+    np.testing.assert_allclose(upd["embedding"], scales[-1] * ref["embedding"], rtol=1e-6)
+  # Then the updates are the plain ones until the loss is first below 1, and a quarter of them from then on.
+  assert scales == [1.0, 1.0, 0.25, 0.25]
+
+
+def test_lr_drop_needs_the_loss():
+  tx, _ = optim.make_optimizer(_cfg(lr_drop_below_loss=1.0), total_steps=10)
+  params = _params()
+  with pytest.raises(ValueError, match="needs the loss, as value=loss"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_no_drop_state_without_the_option():
+  params = _params()
+  tx, _ = optim.make_optimizer(_cfg(), total_steps=10)
+  assert float(optim.lr_scale(tx.init(params))) == 1.0
+  assert not [s for s in jax.tree.leaves(tx.init(params), is_leaf=lambda x: isinstance(x, optim.LossDropState))
+              if isinstance(s, optim.LossDropState)]

@@ -141,6 +141,28 @@ def test_kill_and_resume_is_bitwise_identical(data_dir, reference, tmp_path):
   assert ht.losses(first) | ht.losses(second) == ht.losses(reference[1])
 
 
+def test_lr_drop_at_a_loss_and_resume(data_dir, reference, tmp_path):
+  # Given the reference run, whose step-3 loss is its first below those before it, and a drop threshold between;
+  ref = {h["step"]: h for h in reference[1]}
+  assert ref[3]["loss"] < min(ref[1]["loss"], ref[2]["loss"])
+  config = ht.tiny_config(data_dir)
+  config.optax.lr_drop_below_loss = float((min(ref[1]["loss"], ref[2]["loss"]) + ref[3]["loss"]) / 2)
+  config.optax.lr_drop_factor = 0.25
+  # When it runs straight through, and again stopped after step 3 and resumed;
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=3)
+  second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  # Then steps 1-2 step at the schedule's lr, steps 3-4 at a quarter of it, so the step-4 loss moves off the
+  # reference; and the resumed run (its optimizer state now holds the switch) matches to the bit.
+  run = {h["step"]: h for h in full}
+  assert [run[s]["loss"] for s in (1, 2, 3)] == [ref[s]["loss"] for s in (1, 2, 3)]
+  np.testing.assert_allclose([run[s]["lr"] for s in (1, 2, 3, 4)],
+                             [ref[1]["lr"], ref[2]["lr"], 0.25 * ref[3]["lr"], 0.25 * ref[4]["lr"]], rtol=1e-6)
+  assert run[4]["loss"] != ref[4]["loss"]
+  assert ht.losses(first) | ht.losses(second) == ht.losses(full)
+  assert [h["lr"] for h in first + second] == [h["lr"] for h in full]
+
+
 def test_unreadable_newest_checkpoint_falls_back(data_dir, reference, tmp_path, monkeypatch):
   # Given a run that checkpointed at steps 2 and 4, whose step-4 checkpoint is then damaged;
   config = ht.tiny_config(data_dir, total_steps=6, ckpt_every=2)

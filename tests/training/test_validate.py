@@ -29,6 +29,8 @@ def _set(config, dotted, value):
     ("input.seq_len", 33, r"input.seq_len"),
     ("optax.name", "sgd", r"optax.name='sgd' is unknown"),
     ("optax.lr_multipliers", [("([", 2.0)], r"optax.lr_multipliers: bad regex"),
+    ("optax.lr_drop_below_loss", -1.0, r"optax.lr_drop_below_loss=-1.0 must be a non-negative number"),
+    ("optax.lr_drop_factor", 1.5, r"optax.lr_drop_factor=1.5 must be in \(0, 1\]"),
     ("total_steps", 0, r"total_steps=0 must be a positive int"),
     ("init_from", "no/such/run", r"init_from='no/such/run' must be empty or a run's workdir with a finished checkp"),
 ])
