@@ -224,9 +224,9 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int) -> tuple[optax.Gradien
   """Builds the optimizer of ``config.optax``.
 
   Order: clip by global norm -> Adam moments -> decoupled weight decay (masked, per-group rates) -> -lr(step) ->
-  LR multipliers, so a multiplier scales a group's whole step, weight decay included, as a per-group LR would (a
-  parameter with multiplier m and rate w shrinks by ``lr * m * w`` per step). Under ``lazy_rows`` the decay of an
-  unfetched row is masked with the rest of its update.
+  LR multipliers (-> the one-way lr drop), so a multiplier scales a group's whole step, weight decay included, as a
+  per-group LR would (a parameter with multiplier m and rate w shrinks by ``lr * m * w`` per step). Under
+  ``lazy_rows`` the decay of an unfetched row is masked with the rest of its update.
 
   Args:
     cfg: ``config.optax``: name ("adamw"), lr, b1, b2, eps, wd, warmup_steps, min_lr_ratio, clip,
