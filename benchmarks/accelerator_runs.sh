@@ -12,9 +12,10 @@
 # benchmarks/accelerator_check.py. Training runs only share the GPU, so their accuracies hold but their speeds do
 # not. A_S / B_S: wall seconds of each phase (jobs still running are stopped; their periodic evaluations are in the
 # logs). The defaults run what the first H100 lease left open (README, Results): the Titans MAC row, the matmul peak
-# and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point keeping k_sel = 4
-# (M=128) and 6 (M=192) of each 8 tokens, at lr 3e-3 and 1e-2 (the first run learned at 3e-3 and spiked late; at
-# the CPU point L=64, lr 1e-2 left the plateau within 500 steps, and only storing every token cleared 0.99, README).
+# and the decode curve; MAC on S-NIAH with its current options; B'MOJO at the MQAR target point keeping 6 of each
+# 8 tokens (k_sel=6, M=192), with and without the lr drop at batch loss 0.1 (lr_drop=0.1, which held seed 1's
+# solution to the end of its schedule on CPU, README), at lr 3e-3 and 1e-2 (the first run learned at 3e-3 and
+# spiked late; at the CPU point L=64, lr 1e-2 left the plateau within 500 steps).
 # BALLET (HCAM config args, e.g. "sg=0"; unset: off) adds to phase B the HCAM ballet curriculum: 2 dancers /
 # delay 16 for 600 steps, 8 / 16 reading every chunk (top_k=16) for 300 steps at lr 1e-3 and BALLET_STAGES (1-8,
 # default 4) stages of 300 at 3e-4, each warm-started from the stage before (--config.init_from), then the 8 / 48
@@ -28,7 +29,7 @@ A_S=${A_S:-150}; B_S=${B_S:-390}
 LOGS=${LOGS:-$(mktemp -d -t memarch_runs.XXXXXX)}
 TITANS_PARTS=${TITANS_PARTS:-mac,decode}
 NIAH_MODELS=${NIAH_MODELS-titans_mac}  # set to "" to skip (also MQAR_MODELS)
-MQAR_MODELS=${MQAR_MODELS-"bmojo:memory_size=128 bmojo:memory_size=192;k_sel=6"}
+MQAR_MODELS=${MQAR_MODELS-"bmojo:memory_size=192;k_sel=6 bmojo:memory_size=192;k_sel=6;lr_drop=0.1"}
 MQAR_LRS=${MQAR_LRS:-"3e-3 1e-2"}
 MQAR_STEPS=${MQAR_STEPS:-4000}
 PY=${PY:-python3}

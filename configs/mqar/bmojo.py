@@ -5,6 +5,7 @@ python train.py --config configs/mqar/bmojo.py:runlocal --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:memory_size=128 --workdir $WORKDIR    # T=256, 64 pairs
 python train.py --config configs/mqar/bmojo.py:runlocal,innovation=key_novelty --workdir $WORKDIR
 python train.py --config configs/mqar/bmojo.py:memory_size=128,qk_norm=True --workdir $WORKDIR
+python train.py --config configs/mqar/bmojo.py:memory_size=192,k_sel=6,lr_drop=0.1 --workdir $WORKDIR
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       the default point it kept the model on the 1 / kv plateau for 3,000 steps at lr 1e-2, README);
       ``probe_lr=F`` scales the learning rate (and weight decay) of the SSM-residual innovation probe ``P_s``,
       which sees only ``L_aux`` yet decides what the store keeps (README: 0.1 did not keep a solved model's
-      selection at the MQAR target point).
+      selection at the MQAR target point); ``lr_drop=X`` multiplies the lr by ``optax.lr_drop_factor`` (0.1) from
+      the first step whose batch loss is below X (``optax.lr_drop_below_loss``; README: 0.1 holds the solution
+      found after the plateau at the MQAR target point).
 
   Returns:
     The experiment ConfigDict.
   """
   arg = cc.parse_arg(arg, runlocal=False, memory_size=32, k_sel=4, chunk_size=8, selector_bias=False,
-                     bound="fifo", innovation="ssm_residual", qk_norm=False, probe_lr=1.0)
+                     bound="fifo", innovation="ssm_residual", qk_norm=False, probe_lr=1.0,
+                     lr_drop=0.0)
   # Same task, data, window, SSM and schedule as B'MOJO-F, so the difference is the store alone.
   c = bmojo_f.get_config("runlocal" if arg.runlocal else None)
   c.model.mixers = ("bmojo", "bmojo")
@@ -58,4 +62,5 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if arg.innovation != "ssm_residual":
       raise ValueError(f"probe_lr={arg.probe_lr}: only innovation=ssm_residual has a probe (got {arg.innovation!r})")
     c.optax.lr_multipliers = [(r"/innovation_probe$", arg.probe_lr)]
+  c.optax.lr_drop_below_loss = arg.lr_drop
   return c

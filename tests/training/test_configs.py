@@ -126,3 +126,22 @@ def test_bmojo_probe_lr_scales_the_innovation_probes_alone():
   assert not list(bmojo.get_config("runlocal").optax.lr_multipliers)
   with pytest.raises(ValueError, match="probe_lr=0.1: only innovation=ssm_residual has a probe"):
     bmojo.get_config("probe_lr=0.1,innovation=key_novelty")
+
+
+def test_bmojo_lr_drop_sets_the_optimizer_switch():
+  # Given the MQAR B'MOJO config with lr_drop=0.1, and the default;
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs.mqar import bmojo  # pylint: disable=g-import-not-at-top
+  from memarch.training import optim  # pylint: disable=g-import-not-at-top
+  c = bmojo.get_config("runlocal,lr_drop=0.1")
+  validate.validate(c)
+  params = {"w": jnp.ones((2, 2))}
+  # When their optimizers see a batch loss of 0.05;
+  scales = []
+  for config in (c, bmojo.get_config("runlocal")):
+    tx, _ = optim.make_optimizer(config.optax, total_steps=10)
+    _, state = tx.update(params, tx.init(params), params, value=jnp.float32(0.05))
+    scales.append(float(optim.lr_scale(state)))
+  # Then only the lr_drop config switches, by the default factor 0.1.
+  assert c.optax.lr_drop_below_loss == 0.1
+  np.testing.assert_allclose(scales, [0.1, 1.0], rtol=1e-6)
